@@ -1,0 +1,33 @@
+"""Learning-rate schedules as LambdaLR multipliers that live in checkpoints as plain numbers."""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+class WarmupCosine:
+    """Linear warmup from 0 to 1, cosine decay to `min_lr_ratio` at `decay_steps`, flat after.
+
+    A callable object (not a closure) so that LambdaLR's state_dict stores its plain attributes.
+    """
+
+    def __init__(self, warmup_steps: int, decay_steps: int, min_lr_ratio: float):
+        self.warmup_steps = warmup_steps
+        self.decay_steps = max(decay_steps, warmup_steps + 1)
+        self.min_lr_ratio = min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / (self.decay_steps - self.warmup_steps))
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine
+
+
+def warmup_cosine(
+    optimizer: Optimizer, warmup_steps: int, decay_steps: int, min_lr_ratio: float = 0.1
+) -> LambdaLR:
+    return LambdaLR(optimizer, WarmupCosine(warmup_steps, decay_steps, min_lr_ratio))

@@ -1,0 +1,276 @@
+"""A character-level GPT in one file: pure PyTorch, no Lightning, no Hydra.
+
+    ids -> token embedding + position embedding -> n_layer x Block -> LayerNorm -> Linear -> logits
+    Block: x + attention(LayerNorm(x)), then x + MLP(LayerNorm(x))      (pre-LayerNorm, as GPT-2)
+
+`generate` samples with a key/value cache: the prompt runs once, then every new character costs
+one position of attention per layer against the cached keys and values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from micropgpt.errors import UserError
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 384
+    dropout: float = 0.2
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise UserError(f"model.{name}={getattr(self, name)} must be at least 1")
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
+                "each head gets n_embd / n_head channels; pick values where it divides"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, one preallocated buffer per layer."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
+        head_size = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_size)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled; every layer is filled to the same length
+        self.capacity = config.block_size
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys/values and return all of them so far."""
+        end = self.length + k.size(2)
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # Without a cache, or filling an empty one, position t sees positions <= t. A single new
+        # position appended to a cache sees every cached position, so it needs no mask at all.
+        is_causal = cache is None or cache.length == 0
+        if cache is not None:
+            if T > 1 and cache.length > 0:
+                raise ValueError("a KV cache takes several positions only when it is empty")
+            k, v = cache.append(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal and T > 1
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections so the residual stream's variance does not grow
+        # with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for every position of `idx` (B, T); with `targets`, also the cross-entropy loss.
+
+        With a `cache`, `idx` continues the cached positions, which are not recomputed.
+        """
+        start = cache.length if cache is not None else 0
+        T = idx.size(1)
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} positions is longer than block_size={self.config.block_size}"
+            )
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        kv_cache: bool = True,
+        cache_keep: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extend `idx` (B, T) by `max_new_tokens` sampled ids and return the whole (B, T + new)."""
+        new = list(
+            self.generate_stream(
+                idx, max_new_tokens, temperature, top_k, top_p, kv_cache, cache_keep, generator
+            )
+        )
+        return torch.cat([idx, *new], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        kv_cache: bool = True,
+        cache_keep: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield each new (B, 1) column of ids as soon as it is sampled.
+
+        temperature=0 picks the most likely character. `top_k` keeps the k most likely, `top_p`
+        the smallest set whose probability reaches p (nucleus sampling).
+
+        Learned absolute positions stop at block_size, so a longer sequence must drop its oldest
+        characters. Without the cache (`kv_cache=False`, nanoGPT's way) the last block_size
+        characters are re-run for every new one: exact, but each step costs a whole forward pass.
+        With the cache, a full cache is rebuilt once from the last `cache_keep` characters
+        (default block_size // 2) at positions 0.., and generation continues one position per
+        step: every character still conditions on at least `cache_keep` previous ones.
+        """
+        validate_sampling(max_new_tokens, temperature, top_k, top_p)
+        block_size = self.config.block_size
+        keep = block_size // 2 if cache_keep is None else cache_keep
+        if not 1 <= keep <= block_size:
+            raise UserError(f"cache_keep={keep} must be between 1 and block_size={block_size}")
+        pick = _sampler(temperature, top_k, top_p, generator)
+        if not kv_cache:
+            for _ in range(max_new_tokens):
+                logits, _ = self(idx[:, -block_size:])
+                next_id = pick(logits[:, -1])
+                idx = torch.cat([idx, next_id], dim=1)
+                yield next_id
+            return
+        cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+        logits, _ = self(idx[:, -block_size:], cache=cache)
+        for step in range(max_new_tokens):
+            next_id = pick(logits[:, -1])
+            yield next_id
+            if step == max_new_tokens - 1:
+                break
+            idx = torch.cat([idx, next_id], dim=1)
+            if cache.length == cache.capacity:
+                cache.length = 0
+                logits, _ = self(idx[:, -keep:], cache=cache)
+            else:
+                logits, _ = self(next_id, cache=cache)
+
+
+def validate_sampling(
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
+) -> None:
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens={max_new_tokens} must be 0 or more")
+    if temperature < 0:
+        raise UserError(f"temperature={temperature} must be 0 (greedy) or more")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k={top_k} must be at least 1 (or null for no limit)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p={top_p} must be in (0, 1] (or null for no limit)")
+
+
+def _sampler(
+    temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function from last-position logits (B, V) to next ids (B, 1)."""
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits.float() / temperature
+        if top_k is not None and top_k < logits.size(-1):
+            kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+            sorted_probs = sorted_logits.softmax(dim=-1)
+            # Drop a character when the more likely ones already reach top_p; the first always stays.
+            drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+            drop = drop_sorted.scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator)
+
+    return pick

@@ -1,0 +1,105 @@
+"""The LightningModule around the GPT: loss, metrics, optimizer and schedule wiring, logging."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+
+import lightning as L
+import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from torchmetrics import MeanMetric, MinMetric
+
+from micropgpt.model import GPT, GPTConfig
+
+OptimizerFactory = Callable[[Iterable[dict]], Optimizer]
+SchedulerFactory = Callable[[Optimizer], LRScheduler]
+
+
+class GPTModule(L.LightningModule):
+    """Trains `GPT(GPTConfig(vocab_size=len(vocab), **model))` with cross entropy.
+
+    `optimizer` and `scheduler` are factories (Hydra partials): the optimizer gets two parameter
+    groups, weight matrices with weight decay and biases/LayerNorm without. Only `vocab` and
+    `model` are saved as hyperparameters, as plain Python values, so a checkpoint is enough to
+    rebuild the GPT and loads with `torch.load(..., weights_only=True)`.
+    """
+
+    def __init__(
+        self,
+        vocab: list[str],
+        model: dict,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters("vocab", "model", logger=False)
+        self.model = GPT(GPTConfig(vocab_size=len(vocab), **model))
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.val_loss = MeanMetric()
+        # Persistent, so that the best value so far survives a resume.
+        self.val_loss_best = MinMetric()
+        self.val_loss_best.persistent(True)
+        self._tokens_since_log = 0
+        self._last_log_time: float | None = None
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        return self.model(idx, targets)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        _, loss = self.model(inputs, targets)
+        self.log("train/loss", loss, prog_bar=True)
+        self._tokens_since_log += inputs.numel()
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_log_time is None:
+            self._last_log_time, self._tokens_since_log = now, 0
+        elif self.trainer.global_step % self.trainer.log_every_n_steps == 0:
+            # Tokens this process trained on; with several devices the total is devices x this.
+            self.log("train/tokens_per_sec", self._tokens_since_log / (now - self._last_log_time))
+            self._last_log_time, self._tokens_since_log = now, 0
+
+    def on_validation_start(self) -> None:
+        # Validation time is not training time.
+        self._last_log_time = None
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        inputs, targets = batch
+        _, loss = self.model(inputs, targets)
+        self.val_loss.update(loss, weight=targets.numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()  # synchronised over all processes: the same on every rank
+        self.val_loss.reset()
+        if self.trainer.sanity_checking:
+            return
+        self.val_loss_best.update(loss)
+        best = self.val_loss_best.compute()
+        self.log_dict(
+            {
+                "val/loss": loss,
+                "val/bpc": loss / math.log(2),
+                "val/loss_best": best,
+                "val/bpc_best": best / math.log(2),
+            },
+            prog_bar=False,
+        )
+        self.log("val_loss", loss, prog_bar=True, logger=False)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2]},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
