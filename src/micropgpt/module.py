@@ -94,9 +94,10 @@ class GPTModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
+        # Named groups show up as lr-AdamW/decay and lr-AdamW/no_decay in TensorBoard.
         groups = [
-            {"params": [p for p in params if p.dim() >= 2]},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"name": "decay", "params": [p for p in params if p.dim() >= 2]},
+            {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
