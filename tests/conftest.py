@@ -1,0 +1,61 @@
+"""Shared fixtures: the real corpus, and one tiny real training run reused by many tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+LOCAL_CORPUS = ROOT / "data" / "tinyshakespeare" / "input.txt"
+
+# A model small enough that a few hundred steps take seconds on one CPU core.
+TINY = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "data.batch_size=16",
+    "trainer.val_check_interval=20",
+    "trainer.log_every_n_steps=5",
+    "trainer.enable_progress_bar=false",
+    "callbacks.text_samples.num_chars=50",
+]
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    """Tiny Shakespeare: the project's download if present, else the shared copy."""
+    for path in (LOCAL_CORPUS, SHARED_CORPUS):
+        if path.exists():
+            return path
+    pytest.fail(f"Tiny Shakespeare not found at {LOCAL_CORPUS} or {SHARED_CORPUS}")
+
+
+def run_train(run_dir: Path, *overrides: str, data_dir: Path | None = None, check: bool = True):
+    """`python train.py` in a subprocess with an explicit run dir; returns the CompletedProcess."""
+    data_dir = data_dir or run_dir.parent / "data"
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"hydra.run.dir={run_dir}",
+        f"data.data_dir={data_dir}",
+        *overrides,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, corpus) -> Path:
+    """A finished 60-step training run of a tiny model on Tiny Shakespeare: its run dir."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    run_train(run_dir, *TINY, "trainer.max_steps=60", f"data.path={corpus}")
+    return run_dir
