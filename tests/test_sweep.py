@@ -1,0 +1,173 @@
+"""Hydra sweeps through `train.py -m`: one run dir each, run names, HParams, the summary, failures."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+# Fixed settings of a tiny, seconds-long run. They are kept out of run names (which carry only
+# what a sweep varies) the documented way: hydra.job.config.override_dirname.exclude_keys.
+FIXED = {
+    "model.n_head": "2",
+    "model.block_size": "16",
+    "data.batch_size": "8",
+    "trainer.max_steps": "6",
+    "trainer.val_check_interval": "3",
+    "+trainer.limit_val_batches": "2",
+    "+trainer.num_sanity_val_steps": "0",
+    "trainer.log_every_n_steps": "2",
+    "trainer.enable_progress_bar": "false",
+    "callbacks.text_samples.num_chars": "5",
+}
+EXCLUDED = [key.lstrip("+") for key in FIXED] + ["data.path", "data.data_dir", "hparams_search"]
+
+
+def run_sweep(sweep_dir: Path, corpus: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python train.py -m` in a subprocess with tiny fixed settings; fails the test on a non-zero exit."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        f"hydra.sweep.dir={sweep_dir}",
+        f"hydra.job.config.override_dirname.exclude_keys=[{','.join(EXCLUDED)}]",
+        f"data.path={corpus}",
+        f"data.data_dir={sweep_dir.parent / 'data'}",
+        *(f"{key}={value}" for key, value in FIXED.items()),
+        *overrides,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, f"sweep failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def read_summary(sweep_dir: Path) -> list[dict]:
+    with open(sweep_dir / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory, corpus) -> tuple[Path, subprocess.CompletedProcess]:
+    sweep_dir = tmp_path_factory.mktemp("grid") / "sweep"
+    result = run_sweep(sweep_dir, corpus, "model.n_embd=8,16", "model.n_layer=1,2")
+    return sweep_dir, result
+
+
+def test_grid_sweep_leaves_one_run_dir_per_combination(grid_sweep):
+    sweep_dir, _ = grid_sweep
+    for job in ("0", "1", "2", "3"):
+        run_dir = sweep_dir / job
+        assert (run_dir / ".hydra" / "config.yaml").is_file()
+        assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+        assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+        assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"
+
+
+def test_run_names_carry_the_overrides_and_hparams_reach_tensorboard(grid_sweep):
+    sweep_dir, _ = grid_sweep
+    # TensorBoard names a run by its event files' folder relative to --logdir.
+    names = {}
+    for event_file in sweep_dir.rglob("events.out.tfevents.*"):
+        run_dir = event_file.parent
+        names[run_dir.relative_to(sweep_dir).as_posix()] = run_dir
+    assert sorted(names) == [
+        "0/model.n_embd=8,model.n_layer=1",
+        "1/model.n_embd=8,model.n_layer=2",
+        "2/model.n_embd=16,model.n_layer=1",
+        "3/model.n_embd=16,model.n_layer=2",
+    ]
+    for name, run_dir in names.items():
+        accumulator = EventAccumulator(str(run_dir))
+        accumulator.Reload()
+        hparams = accumulator.PluginTagToContent("hparams")
+        assert "_hparams_/session_start_info" in hparams, name
+        session = hparams["_hparams_/session_start_info"].decode("latin-1")
+        for key in ("n_embd", "n_layer", "n_head", "block_size", "lr", "dropout", "batch_size", "num_params"):
+            assert key in session, (name, key)
+        assert "val/loss_best" in accumulator.Tags()["scalars"], name
+
+
+def test_summary_has_one_row_per_run_sorted_by_val_loss_and_is_printed(grid_sweep):
+    sweep_dir, result = grid_sweep
+    rows = read_summary(sweep_dir)
+    assert len(rows) == 4
+    losses = [float(row["best_val_loss"]) for row in rows]
+    assert losses == sorted(losses)
+    assert {row["job"] for row in rows} == {"0", "1", "2", "3"}
+    for row in rows:
+        assert row["status"] == "ok"
+        assert row["overrides"].startswith("model.n_embd=")
+        assert int(row["num_params"]) > 0
+        assert float(row["tokens_per_sec"]) > 0
+        assert float(row["wall_time_s"]) > 0
+        assert (sweep_dir / row["best_checkpoint"]).is_file()
+    # Bigger models have more parameters: the summary reads each run's own numbers.
+    params = {row["overrides"]: int(row["num_params"]) for row in rows}
+    assert params["model.n_embd=8,model.n_layer=1"] < params["model.n_embd=16,model.n_layer=2"]
+    markdown = (sweep_dir / "summary.md").read_text()
+    assert len(markdown.strip().splitlines()) == 2 + 4
+    assert markdown in result.stdout
+
+
+def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, corpus):
+    sweep_dir = tmp_path / "sweep"
+    # n_embd=25 does not split into model.n_head=2 heads; 24 does.
+    run_sweep(sweep_dir, corpus, "model.n_embd=25,24", "model.n_layer=1")
+    rows = read_summary(sweep_dir)
+    assert [(row["overrides"], row["status"]) for row in rows] == [
+        ("model.n_embd=24,model.n_layer=1", "ok"),
+        ("model.n_embd=25,model.n_layer=1", "failed"),
+    ]
+    failed = rows[1]
+    assert "model.n_embd=25 is not divisible by model.n_head=2" in failed["error"]
+    assert failed["best_val_loss"] == ""
+    assert (sweep_dir / "1" / "checkpoints" / "best.ckpt").is_file()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
+    reason="needs the [sweep] extra (hydra-optuna-sweeper): pip install -e '.[sweep]'",
+)
+def test_optuna_search_runs_its_trials(tmp_path, corpus):
+    sweep_dir = tmp_path / "sweep"
+    run_sweep(
+        sweep_dir,
+        corpus,
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=3",
+        # A tiny search space replacing the config's, same keys.
+        "model.n_embd=choice(8,16)",
+        "model.n_layer=range(1,2)",
+        "optimizer.lr=tag(log,interval(1e-3,1e-2))",
+        "model.dropout=interval(0.0,0.2)",
+    )
+    rows = read_summary(sweep_dir)
+    assert len(rows) == 3
+    assert all(row["status"] == "ok" for row in rows)
+    assert all(row["overrides"].startswith("model.dropout=") for row in rows)
+    results = (sweep_dir / "optimization_results.yaml").read_text()
+    assert "best_params" in results
+    assert f"best_value: {float(rows[0]['best_val_loss'])}" in results
+
+
+def test_a_missing_sweep_extra_names_the_extra_to_install():
+    hide_plugin = (
+        "import runpy, sys; sys.modules['hydra_plugins.hydra_optuna_sweeper'] = None; "
+        "sys.argv = ['train.py', 'hparams_search=optuna']; runpy.run_path('train.py', run_name='__main__')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", hide_plugin], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: hparams_search needs the Optuna sweeper, an optional extra: pip install -e '.[sweep]'"
+    )
