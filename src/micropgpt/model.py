@@ -186,7 +186,6 @@ class GPT(nn.Module):
         )
         return torch.cat([idx, *new], dim=1)
 
-    @torch.no_grad()
     def generate_stream(
         self,
         idx: torch.Tensor,
@@ -209,22 +208,43 @@ class GPT(nn.Module):
         With the cache, a full cache is rebuilt once from the last `cache_keep` characters
         (default block_size // 2) at positions 0.., and generation continues one position per
         step: every character still conditions on at least `cache_keep` previous ones.
+
+        Arguments are checked here, before the first id is produced, not at the first `next()`.
         """
         validate_sampling(max_new_tokens, temperature, top_k, top_p)
         block_size = self.config.block_size
         keep = block_size // 2 if cache_keep is None else cache_keep
         if not 1 <= keep <= block_size:
             raise UserError(f"cache_keep={keep} must be between 1 and block_size={block_size}")
+        if idx.size(1) == 0:
+            raise UserError("the prompt is empty: give at least one character to continue from")
         pick = _sampler(temperature, top_k, top_p, generator)
-        if not kv_cache:
-            for _ in range(max_new_tokens):
-                logits, _ = self(idx[:, -block_size:])
-                next_id = pick(logits[:, -1])
-                idx = torch.cat([idx, next_id], dim=1)
-                yield next_id
+        if kv_cache:
+            return self._stream_with_cache(idx, max_new_tokens, pick, keep)
+        return self._stream_without_cache(idx, max_new_tokens, pick)
+
+    @torch.no_grad()
+    def _stream_without_cache(
+        self, idx: torch.Tensor, max_new_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Iterator[torch.Tensor]:
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size :])
+            next_id = pick(logits[:, -1])
+            idx = torch.cat([idx, next_id], dim=1)
+            yield next_id
+
+    @torch.no_grad()
+    def _stream_with_cache(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        pick: Callable[[torch.Tensor], torch.Tensor],
+        keep: int,
+    ) -> Iterator[torch.Tensor]:
+        if max_new_tokens == 0:
             return
         cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
-        logits, _ = self(idx[:, -block_size:], cache=cache)
+        logits, _ = self(idx[:, -self.config.block_size :], cache=cache)
         for step in range(max_new_tokens):
             next_id = pick(logits[:, -1])
             yield next_id
@@ -261,8 +281,9 @@ def _sampler(
             return logits.argmax(dim=-1, keepdim=True)
         logits = logits.float() / temperature
         if top_k is not None and top_k < logits.size(-1):
-            kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+            # Exactly k survive, also when several logits tie with the k-th largest.
+            kept = torch.topk(logits, top_k, dim=-1)
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, kept.indices, kept.values)
         if top_p is not None and top_p < 1.0:
             sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
             sorted_probs = sorted_logits.softmax(dim=-1)

@@ -1,0 +1,95 @@
+"""From a loaded model and a prompt to text samples: device choice, prompt, streaming, timing.
+
+generate.py is the command line over these; `GPT.generate` is the tensor-level API.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from micropgpt.errors import UserError
+from micropgpt.model import GPT
+from micropgpt.tokenizer import CharTokenizer
+
+SEPARATOR = "\n---------------\n"
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` is the GPU when there is one, else the CPU; other names are torch device strings."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA GPU is visible here; use device=cpu or device=auto")
+    return device
+
+
+def read_prompt(prompt: str, prompt_file: str | None) -> str:
+    """The prompt text: the contents of `prompt_file` when given, else `prompt`."""
+    if prompt_file is not None:
+        try:
+            prompt = Path(prompt_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"prompt_file={prompt_file} is not UTF-8 text; convert it to UTF-8") from None
+        except OSError as e:
+            raise UserError(f"prompt_file={prompt_file} cannot be read: {e.strerror}") from None
+    if not prompt:
+        raise UserError("the prompt is empty: give at least one character, e.g. prompt='ROMEO:'")
+    return prompt
+
+
+@dataclass
+class Speed:
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds else 0.0
+        return f"{self.tokens} tokens in {self.seconds:.2f} s, {rate:.1f} tokens/s"
+
+
+def sample_texts(
+    model: GPT,
+    tokenizer: CharTokenizer,
+    prompt: str,
+    num_samples: int,
+    speed: Speed,
+    generator: torch.Generator | None = None,
+    **sampling,
+) -> Iterator[str]:
+    """Pieces of text as they are produced: each sample is the prompt, its new characters one by
+    one, then SEPARATOR. `sampling` are GPT.generate_stream's keyword arguments; `speed`
+    accumulates the new characters and the time spent producing them.
+
+    Everything is checked before the first piece, so a bad value never leaves partial output.
+    """
+    if num_samples < 1:
+        raise UserError(f"num_samples={num_samples} must be at least 1")
+    device = next(model.parameters()).device
+    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
+    streams = [model.generate_stream(idx, generator=generator, **sampling) for _ in range(num_samples)]
+    return _pieces(streams, tokenizer, prompt, speed)
+
+
+def _pieces(
+    streams: list[Iterator[torch.Tensor]], tokenizer: CharTokenizer, prompt: str, speed: Speed
+) -> Iterator[str]:
+    for stream in streams:
+        yield prompt
+        start = time.perf_counter()
+        for next_id in stream:
+            character = tokenizer.vocab[next_id.item()]
+            speed.seconds += time.perf_counter() - start
+            speed.tokens += 1
+            yield character
+            start = time.perf_counter()
+        speed.seconds += time.perf_counter() - start
+        yield SEPARATOR
