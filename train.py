@@ -21,16 +21,27 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from micropgpt.errors import UserError, find_user_error
+from micropgpt.errors import find_user_error
 from micropgpt.model import GPTConfig
 from micropgpt.summary import RunResult, write_result, write_summary
 
 log = logging.getLogger(__name__)
 
-# A file-name limit on common file systems; the run name becomes a folder (see conf/logger).
-MAX_RUN_NAME_BYTES = 255
+
+def folder_name(text: str, max_bytes: int = 255) -> str:
+    """`text` cut to the file-name limit of common file systems, ending in '...' when cut.
+
+    Run names are the run's overrides (conf/logger), and a long command line must not stop a run.
+    """
+    if len(text.encode()) <= max_bytes:
+        return text
+    return text.encode()[: max_bytes - 3].decode(errors="ignore") + "..."
+
+
+# replace=True: Hydra imports this file a second time, as module `train`, for SweepSummary.
+OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
 
 # Typed schema for the model group, so `model.n_embd=abc` fails at composition. Derived from
 # GPTConfig so the two cannot drift; vocab_size comes from the corpus, not the config.
@@ -44,13 +55,6 @@ ConfigStore.instance().store(group="model", name="schema", node=ModelSchema)
 
 def train(cfg: DictConfig) -> float | None:
     started = time.perf_counter()
-    run_name = HydraConfig.get().job.override_dirname
-    if len(run_name.encode()) > MAX_RUN_NAME_BYTES:
-        raise UserError(
-            f"the overrides that name this run are {len(run_name.encode())} bytes, over the "
-            f"{MAX_RUN_NAME_BYTES}-byte folder-name limit: move fixed settings into an experiment= "
-            "recipe, or list their keys in hydra.job.config.override_dirname.exclude_keys"
-        )
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module, vocab=datamodule.vocab, _convert_="all")
@@ -67,7 +71,7 @@ def train(cfg: DictConfig) -> float | None:
         run_dir = HydraConfig.get().runtime.output_dir
         tokens_per_sec = trainer.callback_metrics.get("train/tokens_per_sec")
         result = RunResult(
-            overrides=run_name,
+            overrides=HydraConfig.get().job.override_dirname,
             status="ok",
             num_params=module.model.num_parameters(),
             best_val_loss=None if best is None else best.item(),
