@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 # Fixed settings of a tiny, seconds-long run. They are kept out of run names (which carry only
 # what a sweep varies) the documented way: hydra.job.config.override_dirname.exclude_keys.
@@ -88,11 +89,12 @@ def test_run_names_carry_the_overrides_and_hparams_reach_tensorboard(grid_sweep)
     for name, run_dir in names.items():
         accumulator = EventAccumulator(str(run_dir))
         accumulator.Reload()
-        hparams = accumulator.PluginTagToContent("hparams")
-        assert "_hparams_/session_start_info" in hparams, name
-        session = hparams["_hparams_/session_start_info"].decode("latin-1")
+        content = accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        hparams = HParamsPluginData.FromString(content).session_start_info.hparams
         for key in ("n_embd", "n_layer", "n_head", "block_size", "lr", "dropout", "batch_size", "num_params"):
-            assert key in session, (name, key)
+            assert key in hparams, (name, key)
+        n_embd, n_layer = (int(hparams[key].number_value) for key in ("n_embd", "n_layer"))
+        assert name.endswith(f"model.n_embd={n_embd},model.n_layer={n_layer}")
         assert "val/loss_best" in accumulator.Tags()["scalars"], name
 
 
