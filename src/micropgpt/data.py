@@ -184,7 +184,8 @@ class ConsecutiveWindows(_Windows):
 class CharDataModule(L.LightningDataModule):
     """Character blocks of a UTF-8 corpus: Tiny Shakespeare unless `path` names another file.
 
-    The first `1 - val_fraction` of the characters train, the rest validate.
+    Without `path`, the corpus is fetched from `url` into `data_dir` when missing and kept only if
+    its SHA-256 is `sha256`. The first `1 - val_fraction` of the characters train, the rest validate.
     """
 
     def __init__(
@@ -195,6 +196,8 @@ class CharDataModule(L.LightningDataModule):
         batch_size: int = 32,
         val_fraction: float = 0.2,
         num_workers: int = 0,
+        url: str = TINY_SHAKESPEARE_URL,
+        sha256: str = TINY_SHAKESPEARE_SHA256,
     ):
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
@@ -204,6 +207,7 @@ class CharDataModule(L.LightningDataModule):
         self.data_dir = Path(data_dir)
         self.path = Path(path) if path else self.data_dir / "tinyshakespeare" / "input.txt"
         self.download_default = not path
+        self.url, self.sha256 = url, sha256
         self.block_size, self.batch_size = block_size, batch_size
         self.val_fraction, self.num_workers = val_fraction, num_workers
         self.tokenizer: CharTokenizer | None = None
@@ -215,7 +219,7 @@ class CharDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.download_default and not self.path.exists():
-            download(TINY_SHAKESPEARE_URL, self.path, TINY_SHAKESPEARE_SHA256)
+            download(self.url, self.path, self.sha256)
         self.ids_path, self.tokenizer = encode_corpus(self.path, self.cache_dir)
 
     @property
