@@ -1,0 +1,172 @@
+"""train.py through Hydra, in a subprocess: checkpoints, TensorBoard, resume, defaults, bad configs."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY, run_train
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+from micropgpt.model import GPT, GPTConfig
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    """The run's one TensorBoard event file, read by TensorBoard's own reader, nothing sampled away."""
+    (event_file,) = run_dir.rglob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(event_file), size_guidance={"scalars": 0, "tensors": 0})
+    return accumulator.Reload()
+
+
+def steps(accumulator: EventAccumulator, tag: str) -> list[int]:
+    return [event.step for event in accumulator.Scalars(tag)]
+
+
+def test_run_keeps_best_and_last_checkpoints_and_val_loss_decreases(tiny_run):
+    assert (tiny_run / "checkpoints" / "best.ckpt").is_file()
+    assert (tiny_run / "checkpoints" / "last.ckpt").is_file()
+    assert (tiny_run / ".hydra" / "config.yaml").is_file()
+    val_loss = [event.value for event in events(tiny_run).Scalars("val/loss")]
+    assert len(val_loss) == 3  # every 20 of 60 steps
+    assert all(later < earlier for earlier, later in itertools.pairwise(val_loss))
+    assert val_loss[-1] < 3.9  # from ln 65 = 4.17 at the start
+
+
+def test_tensorboard_has_scalars_text_samples_and_hparams(tiny_run):
+    accumulator = events(tiny_run)
+    for tag in ("train/loss", "val/bpc", "train/tokens_per_sec", "lr-AdamW/decay"):
+        assert steps(accumulator, tag), tag
+    samples = accumulator.Tensors("samples/text_summary")
+    assert [sample.step for sample in samples] == [20, 40, 60]
+    text = samples[-1].tensor_proto.string_val[0].decode("utf-8")
+    assert len(text.replace("\n    ", "")) >= 50
+
+    content = accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["n_embd"].number_value == 32
+    assert hparams["n_layer"].number_value == 2
+    assert hparams["vocab_size"].number_value == 65
+
+
+def test_checkpoint_loads_with_weights_only_and_rebuilds_the_model(tiny_run):
+    checkpoint = torch.load(tiny_run / "checkpoints" / "best.ckpt", weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    assert type(hparams["vocab"]) is list and all(type(c) is str for c in hparams["vocab"])
+    assert len(hparams["vocab"]) == 65
+    assert type(hparams["model"]) is dict
+    assert hparams["model"]["n_embd"] == 32 and hparams["model"]["block_size"] == 32
+    model = GPT(GPTConfig(vocab_size=len(hparams["vocab"]), **hparams["model"]))
+    weights = {
+        k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")
+    }
+    model.load_state_dict(weights)
+
+
+def test_resume_continues_at_the_saved_global_step(tiny_run, tmp_path, corpus):
+    last = tiny_run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 60
+    run_dir = tmp_path / "resumed"
+    run_train(
+        run_dir,
+        *TINY,
+        "trainer.max_steps=100",
+        f"data.path={corpus}",
+        f"ckpt_path={last}",
+        data_dir=tiny_run.parent / "data",
+    )
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 100
+    resumed = events(run_dir)
+    assert min(steps(resumed, "train/loss")) > 60
+    assert len(steps(resumed, "val/loss")) == 2  # at 80 and 100, none repeated from the first run
+    assert min(steps(resumed, "val/loss")) > max(steps(events(tiny_run), "val/loss"))
+    # The weights and optimizer continued: no jump back to the untrained loss of about 4.17.
+    first_loss = resumed.Scalars("train/loss")[0].value
+    assert first_loss < events(tiny_run).Scalars("train/loss")[0].value - 0.3
+
+
+def test_cfg_job_shows_the_seed_defaults():
+    result = subprocess.run(
+        [sys.executable, "train.py", "--cfg", "job"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    cfg = OmegaConf.create(result.stdout)
+    expected = {
+        "model.n_embd": 384,
+        "model.n_head": 4,
+        "model.n_layer": 4,
+        "model.block_size": 128,
+        "model.dropout": 0.2,
+        "data.batch_size": 32,
+        "data.val_fraction": 0.2,
+        "optimizer.lr": 3e-4,
+        "trainer.max_steps": 3000,
+        "trainer.val_check_interval": 250,
+        "seed": 1337,
+        "ckpt_path": None,
+    }
+    assert {key: OmegaConf.select(cfg, key) for key in expected} == expected
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bad_model_shape_is_one_line(tmp_path, corpus):
+    assert_one_line_error(
+        tmp_path,
+        ["model.n_embd=100", "model.n_head=3", f"data.path={corpus}"],
+        "model.n_embd=100 is not divisible by model.n_head=3",
+    )
+
+
+def test_missing_corpus_is_one_line(tmp_path):
+    assert_one_line_error(tmp_path, ["data.path=/no/such/file"], "corpus /no/such/file does not exist")
+
+
+def test_corpus_shorter_than_a_block_is_one_line(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be, that is the question.\n" * 3, encoding="utf-8")
+    assert_one_line_error(tmp_path, [*TINY, f"data.path={short}"], "fewer than model.block_size + 1 = 33")
+
+
+def test_blocked_download_is_one_line_and_leaves_no_file(tmp_path):
+    url = f"http://127.0.0.1:{closed_port()}/input.txt"
+    data_dir = tmp_path / "empty"
+    target = data_dir / "tinyshakespeare" / "input.txt"
+    message = assert_one_line_error(tmp_path, [f"data.url={url}"], f"could not download {url}", data_dir)
+    assert str(target) in message and "data.path=" in message
+    assert not target.parent.exists() or list(target.parent.iterdir()) == []
+
+
+def assert_one_line_error(tmp_path: Path, overrides: list[str], expected: str, data_dir=None) -> str:
+    result = run_train(tmp_path / "run", *overrides, data_dir=data_dir or tmp_path / "data", check=False)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert expected in errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "hydra_message"),
+    [
+        ("model.n_embd=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+        ("model.n_embdd=64", "Key 'n_embdd' not in 'ModelSchema'"),
+    ],
+)
+def test_mistyped_value_or_unknown_key_fails_at_composition(tmp_path, override, hydra_message):
+    result = run_train(tmp_path / "run", override, check=False)
+    assert result.returncode != 0
+    assert hydra_message in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "run").exists()  # nothing ran
