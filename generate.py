@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig
 
 from micropgpt.checkpoint import load_checkpoint, resolve_checkpoint
 from micropgpt.errors import UserError, find_user_error
+from micropgpt.files import atomic_write
 from micropgpt.model import validate_sampling
 from micropgpt.sampling import Speed, pick_device, read_prompt, sample_texts
 
@@ -85,9 +86,6 @@ def generate(cfg: DictConfig) -> None:
         print("".join(text), end="", flush=True)
     print(speed, file=sys.stderr)
     if cfg.out is not None:
-        # Imported here: data.py pulls in Lightning, seconds of start-up that sampling never needs.
-        from micropgpt.data import atomic_write
-
         try:
             atomic_write(Path(cfg.out), lambda f: f.write("".join(text).encode("utf-8")))
         except OSError as e:

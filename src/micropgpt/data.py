@@ -12,8 +12,6 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from micropgpt.errors import UserError
+from micropgpt.files import atomic_write
 from micropgpt.tokenizer import CharTokenizer
 
 TINY_SHAKESPEARE_URL = (
@@ -32,25 +31,6 @@ TINY_SHAKESPEARE_URL = (
 )
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 CHUNK_BYTES = 16 << 20
-
-
-def atomic_write(target: Path, write) -> None:
-    """Call `write(file)` on a temporary file beside `target`, fsync, then rename it into place.
-
-    Readers see the old file or the whole new one, never a part; on any error the temporary file
-    is removed and `target` is untouched.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def download(url: str, target: Path, sha256: str, timeout: float = 30.0) -> None:

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from micropgpt.data import atomic_write
+from micropgpt.files import atomic_write
 
 RESULT_FILE = "result.json"
 SUMMARY_CSV = "summary.csv"
