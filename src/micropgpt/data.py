@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import json
 import urllib.error
 import urllib.request
@@ -20,7 +21,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from micropgpt.errors import UserError
 from micropgpt.files import atomic_write
@@ -142,13 +143,38 @@ class _Windows(Dataset):
 
 
 class RandomWindows(_Windows):
-    """Every start position is one item; the (distributed) sampler picks them at random."""
+    """Every start position is one item; WindowSampler picks them at random."""
 
     def __len__(self) -> int:
         return self.stop - self.start - self.block_size
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._window(i)
+
+
+class WindowSampler(DistributedSampler):
+    """A random order of the training windows that a resumed run can continue where it stopped.
+
+    The order is a function of (seed, epoch) only, not of the global RNG, and each of
+    `num_replicas` processes takes its own share (DistributedSampler's split; Lightning keeps a
+    DistributedSampler as it is under DDP). `resume(epoch, batches)` skips the windows of the
+    `batches` batches this process already trained on in `epoch`; the length stays the whole
+    epoch's, which is what Lightning's restored batch counter expects.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.resume_epoch, self.resume_batches = 0, 0
+
+    def resume(self, epoch: int, batches: int) -> None:
+        self.resume_epoch, self.resume_batches = epoch, batches
+
+    def __iter__(self):
+        indices = super().__iter__()
+        if self.epoch == self.resume_epoch:
+            return itertools.islice(indices, self.resume_batches * self.batch_size, None)
+        return indices
 
 
 class ConsecutiveWindows(_Windows):
@@ -166,6 +192,8 @@ class CharDataModule(L.LightningDataModule):
 
     Without `path`, the corpus is fetched from `url` into `data_dir` when missing and kept only if
     its SHA-256 is `sha256`. The first `1 - val_fraction` of the characters train, the rest validate.
+    Training windows come in an order fixed by `seed` (see WindowSampler); the position in it is
+    saved in checkpoints, so a resumed run continues with the windows the interrupted one had next.
     """
 
     def __init__(
@@ -178,6 +206,7 @@ class CharDataModule(L.LightningDataModule):
         num_workers: int = 0,
         url: str = TINY_SHAKESPEARE_URL,
         sha256: str = TINY_SHAKESPEARE_SHA256,
+        seed: int = 0,
     ):
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
@@ -190,6 +219,8 @@ class CharDataModule(L.LightningDataModule):
         self.url, self.sha256 = url, sha256
         self.block_size, self.batch_size = block_size, batch_size
         self.val_fraction, self.num_workers = val_fraction, num_workers
+        self.seed = seed
+        self.resume_at = (0, 0)  # (epoch, batches trained in it), from a checkpoint
         self.tokenizer: CharTokenizer | None = None
         self.ids_path: Path | None = None
 
@@ -226,14 +257,40 @@ class CharDataModule(L.LightningDataModule):
         self.val_set = ConsecutiveWindows(self.ids_path, dtype, split, total, self.block_size)
 
     def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        num_replicas, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+        sampler = WindowSampler(self.train_set, self.batch_size, num_replicas, rank, self.seed)
+        sampler.resume(*self.resume_at)
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             drop_last=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=self._loader_generator(),
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+        return DataLoader(
+            self.val_set,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            generator=self._loader_generator(),
+        )
+
+    def _loader_generator(self) -> torch.Generator:
+        # Without one, every new DataLoader iterator (each validation) draws its workers' base
+        # seed from the global RNG, and a resumed run, which validates at other moments, would
+        # then draw other dropout masks than the uninterrupted one.
+        return torch.Generator().manual_seed(self.seed)
+
+    def state_dict(self) -> dict[str, int]:
+        # Lightning's count of the batches trained on in this epoch (processed: the optimizer step
+        # is done), as of the checkpoint, whatever the DataLoader had prefetched beyond them.
+        loop = self.trainer.fit_loop
+        batches = loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": loop.epoch_progress.current.processed, "batches": batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.resume_at = (state_dict["epoch"], state_dict["batches"])
