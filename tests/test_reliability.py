@@ -191,6 +191,31 @@ def test_signal_saves_last_ckpt_and_the_printed_command_resumes_it(signal_name, 
     assert_same_weights(run_dir, reference)
 
 
+def test_slurm_requeue_on_sigusr1_still_works(tiny, tmp_path):
+    """Lightning's SLURM handler keeps SIGUSR1: it saves hpc_ckpt_1.ckpt and requeues the job
+    (here a stand-in scontrol records the call); training goes on until SLURM's SIGTERM."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.args"}\n')
+    scontrol.chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0"}
+    slurm |= {"SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    env = {**ENV, **slurm, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    run_dir = tmp_path / "slurm"
+    last, hpc = run_dir / "checkpoints" / "last.ckpt", run_dir / "hpc_ckpt_1.ckpt"
+    pipe = subprocess.PIPE
+    proc = subprocess.Popen(tiny(run_dir), cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True)
+    wait_for(proc, last.exists, "the first last.ckpt (step 20)")
+    proc.send_signal(signal.SIGUSR1)
+    wait_for(proc, (tmp_path / "scontrol.args").exists, "the requeue")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+    assert 20 <= read_checkpoint(hpc)["global_step"] <= read_checkpoint(last)["global_step"] < 60
+
+
 # --- divergence ---
 
 
