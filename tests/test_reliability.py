@@ -166,54 +166,74 @@ def test_sigkill_even_mid_write_leaves_a_loadable_last_ckpt_and_resuming_matches
     assert_same_weights(run_dir, reference)
 
 
-@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-def test_signal_saves_last_ckpt_and_the_printed_command_resumes_it(signal_name, tiny, reference, tmp_path):
-    run_dir = tmp_path / "interrupted"
-    last = run_dir / "checkpoints" / "last.ckpt"
-    proc = start_train(tiny(run_dir))
-    wait_for(proc, last.exists, "the first last.ckpt (step 20)")
-    proc.send_signal(getattr(signal, signal_name))
-    out, err = proc.communicate(timeout=300)
-
-    assert proc.returncode == 128 + getattr(signal, signal_name), err
-    assert "Traceback" not in out + err
-    step = read_checkpoint(last)["global_step"]
-    assert 20 <= step < 60
-    assert f"{signal_name}: stopped at step {step}, checkpoint saved to {last}" in err
-    [hint] = [line for line in err.splitlines() if line.startswith("resume with: ")]
-    command = shlex.split(hint.removeprefix("resume with: "))
-    assert command[:2] == ["python", "train.py"]
-    assert f"hydra.run.dir={run_dir}" in command and command[-1] == "ckpt_path=last"
-
-    result = train([sys.executable, str(ROOT / "train.py"), *command[2:]])
-    assert result.returncode == 0, result.stderr
-    assert val_losses(run_dir)[59] == val_losses(reference)[59]  # the last validation, at step 60
-    assert_same_weights(run_dir, reference)
-
-
-def test_slurm_requeue_on_sigusr1_still_works(tiny, tmp_path):
-    """Lightning's SLURM handler keeps SIGUSR1: it saves hpc_ckpt_1.ckpt and requeues the job
-    (here a stand-in scontrol records the call); training goes on until SLURM's SIGTERM."""
+def fake_slurm(tmp_path: Path) -> dict[str, str]:
+    """The environment of a SLURM job step, with a stand-in `scontrol` that records its arguments."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
     scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.args"}\n')
     scontrol.chmod(0o755)
-    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0"}
-    slurm |= {"SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
-    env = {**ENV, **slurm, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    run_dir = tmp_path / "slurm"
-    last, hpc = run_dir / "checkpoints" / "last.ckpt", run_dir / "hpc_ckpt_1.ckpt"
+    job = {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "host"}
+    ranks = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    return {**ENV, **job, **ranks, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def wait_for_step(proc: subprocess.Popen, last: Path, step: int) -> None:
+    """Until last.ckpt holds `step` or a later one; it is read again only when it was replaced."""
+    seen = {"mtime": None}
+
+    def reached() -> bool:
+        mtime = last.stat().st_mtime_ns if last.exists() else None
+        if mtime == seen["mtime"]:
+            return False
+        seen["mtime"] = mtime
+        return read_checkpoint(last)["global_step"] >= step
+
+    wait_for(proc, reached, f"the last.ckpt of step {step}")
+
+
+def stop_with(proc: subprocess.Popen, signal_name: str, last: Path) -> list[str]:
+    """Sends the signal; checks the exit, the message and last.ckpt; returns the resume command."""
+    proc.send_signal(getattr(signal, signal_name))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + getattr(signal, signal_name), err
+    assert "Traceback" not in out + err
+    step = read_checkpoint(last)["global_step"]
+    assert f"{signal_name}: stopped at step {step}, checkpoint saved to {last}" in err
+    [hint] = [line for line in err.splitlines() if line.startswith("resume with: ")]
+    command = shlex.split(hint.removeprefix("resume with: "))
+    assert command[:2] == ["python", "train.py"]
+    assert f"hydra.run.dir={last.parent.parent}" in command and command[-1] == "ckpt_path=last"
+    return [sys.executable, str(ROOT / "train.py"), *command[2:]]
+
+
+def test_sigint_and_sigterm_save_last_ckpt_and_the_printed_command_resumes_exactly(tiny, reference, tmp_path):
+    """In a SLURM job: Ctrl-C after step 20, resume; SLURM's SIGUSR1 (Lightning saves hpc_ckpt_1
+    and requeues), then its SIGTERM after step 40, resume; the finished run is the reference."""
+    env = fake_slurm(tmp_path)
+    run_dir = tmp_path / "interrupted"
+    last = run_dir / "checkpoints" / "last.ckpt"
     pipe = subprocess.PIPE
+
     proc = subprocess.Popen(tiny(run_dir), cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True)
-    wait_for(proc, last.exists, "the first last.ckpt (step 20)")
+    wait_for_step(proc, last, 20)
+    resume = stop_with(proc, "SIGINT", last)
+    stopped_at = read_checkpoint(last)["global_step"]
+    assert 20 <= stopped_at < 40
+
+    proc = subprocess.Popen(resume, cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True)
+    wait_for_step(proc, last, 40)
     proc.send_signal(signal.SIGUSR1)
     wait_for(proc, (tmp_path / "scontrol.args").exists, "the requeue")
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, err
     assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
-    assert 20 <= read_checkpoint(hpc)["global_step"] <= read_checkpoint(last)["global_step"] < 60
+    resume = stop_with(proc, "SIGTERM", last)
+    hpc_step = read_checkpoint(run_dir / "hpc_ckpt_1.ckpt")["global_step"]
+    assert 40 <= hpc_step <= read_checkpoint(last)["global_step"]
+
+    result = train(resume, env=env)
+    assert result.returncode == 0, result.stderr
+    assert val_losses(run_dir) == val_losses(reference)  # at steps 20, 40 and 60
+    assert_same_weights(run_dir, reference)
 
 
 # --- divergence ---
