@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import resource
 import shlex
 import shutil
@@ -28,7 +29,7 @@ from micropgpt.checkpoint import load_checkpoint, read_checkpoint
 from micropgpt.errors import UserError
 from micropgpt.files import claim_new_dir
 from micropgpt.module import GPTModule
-from micropgpt.resume import check_resumable
+from micropgpt.resume import check_resumable, resolve_ckpt_path
 
 # One thread: quicker on a shared 2-core machine, and float sums are bit-identical only between
 # runs that split them over the same number of threads.
@@ -258,10 +259,17 @@ def test_non_finite_loss_stops_with_one_line_and_saves_no_nan_weights(tiny, tmp_
 # --- resume: which checkpoint, and refusing the wrong ones ---
 
 
-def test_ckpt_path_last_without_a_last_ckpt_is_one_line(tiny, tmp_path):
-    result = train(tiny(tmp_path / "fresh", "ckpt_path=last"))
-    last = tmp_path / "fresh" / "checkpoints" / "last.ckpt"
-    assert_one_error_line(result, f"ckpt_path=last but {last} does not exist; pass hydra.run.dir=")
+def test_ckpt_path_last_and_auto_find_last_ckpt_and_only_auto_may_start_afresh(reference, tmp_path):
+    checkpoints, empty = reference / "checkpoints", tmp_path / "checkpoints"
+    assert resolve_ckpt_path("last", checkpoints) == checkpoints / "last.ckpt"
+    assert resolve_ckpt_path("auto", checkpoints) == checkpoints / "last.ckpt"
+    assert resolve_ckpt_path("auto", empty) is None
+    assert resolve_ckpt_path(None, checkpoints) is None
+    missing = re.escape(f"ckpt_path=last but {empty / 'last.ckpt'} does not exist; pass hydra.run.dir=")
+    with pytest.raises(UserError, match=missing):
+        resolve_ckpt_path("last", empty)
+    with pytest.raises(UserError, match=re.escape("is not a file; pass a .ckpt file, last or auto")):
+        resolve_ckpt_path(str(tmp_path / "nowhere.ckpt"), checkpoints)
 
 
 class CallsCode:
