@@ -21,9 +21,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from micropgpt.errors import find_user_error
+from micropgpt.errors import UserError, find_user_error
 from micropgpt.model import GPTConfig
 from micropgpt.summary import RunResult, write_result, write_summary
 
@@ -40,8 +42,18 @@ def folder_name(text: str, max_bytes: int = 255) -> str:
     return text.encode()[: max_bytes - 3].decode(errors="ignore") + "..."
 
 
+def on_first_process(value):
+    """`value` in the first process of a multi-process run, None in the others.
+
+    torchrun and SLURM start every process with the same command line; the rank they set in the
+    environment (read by Lightning at import) is all that tells them apart before training starts.
+    """
+    return value if rank_zero_only.rank == 0 else None
+
+
 # replace=True: Hydra imports this file a second time, as module `train`, for SweepSummary.
 OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
+OmegaConf.register_new_resolver("on_first_process", on_first_process, replace=True)
 
 # Typed schema for the model group, so `model.n_embd=abc` fails at composition. Derived from
 # GPTConfig so the two cannot drift; vocab_size comes from the corpus, not the config.
@@ -51,6 +63,40 @@ ModelSchema = make_dataclass(
     [(f.name, _hints[f.name], f.default) for f in fields(GPTConfig) if f.name != "vocab_size"],
 )
 ConfigStore.instance().store(group="model", name="schema", node=ModelSchema)
+
+
+class SweepConfigError(UserError):
+    """A mistake that fails every job of a sweep alike: the sweep stops instead of recording each."""
+
+
+def refuse_script_relaunch_in_multirun(trainer: L.Trainer) -> None:
+    """Refuse a sweep whose strategy starts its processes by re-running the command line.
+
+    Plain DDP does; under -m each process would re-run the whole sweep (Lightning #18175, Hydra
+    #2070). ddp_spawn starts them from inside the job, torchrun and SLURM from outside: both fine.
+    """
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    launcher = trainer.strategy.launcher
+    if (
+        isinstance(launcher, _SubprocessScriptLauncher)
+        and trainer.num_devices > 1
+        and not launcher.cluster_environment.creates_processes_externally
+    ):
+        strategy = type(trainer.strategy).__name__
+        raise SweepConfigError(
+            f"a sweep (-m) on {trainer.num_devices} devices cannot use {strategy}, which "
+            "starts each process by re-running this command, so each would re-run the whole sweep; "
+            "add trainer.strategy=ddp_spawn, or run each configuration without -m"
+        )
+
+
+def best_val_loss(trainer: L.Trainer) -> float | None:
+    best = trainer.checkpoint_callback.best_model_score
+    if best is None:
+        # ddp_spawn hands back the callback metrics and best checkpoint path, not the best score.
+        best = trainer.callback_metrics.get("val/loss_best")
+    return None if best is None else best.item()
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -63,10 +109,11 @@ def train(cfg: DictConfig) -> float | None:
         logger=instantiate(cfg.logger),
         callbacks=[instantiate(c) for c in cfg.callbacks.values()],
     )
+    refuse_script_relaunch_in_multirun(trainer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 
     checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_score
+    best = best_val_loss(trainer)
     if trainer.is_global_zero:
         run_dir = HydraConfig.get().runtime.output_dir
         tokens_per_sec = trainer.callback_metrics.get("train/tokens_per_sec")
@@ -74,16 +121,16 @@ def train(cfg: DictConfig) -> float | None:
             overrides=HydraConfig.get().job.override_dirname,
             status="ok",
             num_params=module.model.num_parameters(),
-            best_val_loss=None if best is None else best.item(),
+            best_val_loss=best,
             tokens_per_sec=None if tokens_per_sec is None else tokens_per_sec.item(),
             wall_time_s=time.perf_counter() - started,
             best_checkpoint=checkpoint.best_model_path or None,
         )
         write_result(run_dir, result)
-        print(f"\nbest val/loss: {best.item():.4f}" if best is not None else "\nno validation ran")
+        print(f"\nbest val/loss: {best:.4f}" if best is not None else "\nno validation ran")
         print(f"checkpoints:   {checkpoint.dirpath}")
         print(f"sample with:   python generate.py ckpt={run_dir} prompt='ROMEO:' max_new_tokens=500")
-    return None if best is None else best.item()
+    return best
 
 
 def record_failure(error: Exception) -> float:
@@ -125,31 +172,46 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
     except Exception as e:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            return record_failure(e)
         user_error = find_user_error(e)
+        if HydraConfig.get().mode == RunMode.MULTIRUN and not isinstance(user_error, SweepConfigError):
+            return record_failure(e)
         if user_error is None:
             raise
         print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
 
 
-def require_sweep_extra(argv: list[str]) -> None:
-    """hparams_search configs need the Optuna sweeper plugin; say which extra installs it."""
-    if not any(arg.startswith("hparams_search=") for arg in argv):
-        return
-    try:
-        installed = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
-    except ModuleNotFoundError:  # not even the hydra_plugins namespace
-        installed = False
-    if not installed:
-        print(
-            "error: hparams_search needs the Optuna sweeper, an optional extra: pip install -e '.[sweep]'",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+# Choices that need an optional Hydra plugin: (override prefixes, plugin module, what needs it, extra).
+PLUGIN_EXTRAS = [
+    (
+        ("hparams_search=",),
+        "hydra_plugins.hydra_optuna_sweeper",
+        "hparams_search needs the Optuna sweeper",
+        "sweep",
+    ),
+    (
+        ("hydra/launcher=slurm", "hydra/launcher=submitit"),
+        "hydra_plugins.hydra_submitit_launcher",
+        "the SLURM and submitit launchers need hydra-submitit-launcher",
+        "slurm",
+    ),
+]
+
+
+def require_plugin_extras(argv: list[str]) -> None:
+    """Say which optional extra installs a plugin that the command line asks for."""
+    for prefixes, module, need, extra in PLUGIN_EXTRAS:
+        if not any(arg.startswith(prefixes) for arg in argv):
+            continue
+        try:
+            installed = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # not even the hydra_plugins namespace
+            installed = False
+        if not installed:
+            print(f"error: {need}, an optional extra: pip install -e '.[{extra}]'", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":
-    require_sweep_extra(sys.argv[1:])
+    require_plugin_extras(sys.argv[1:])
     main()
