@@ -24,11 +24,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from micropgpt.errors import find_user_error
+from micropgpt.errors import UserError, find_user_error
 from micropgpt.files import claim_new_dir
 from micropgpt.interrupts import TrainingInterrupted
 from micropgpt.model import GPTConfig
@@ -48,8 +49,18 @@ def folder_name(text: str, max_bytes: int = 255) -> str:
     return text.encode()[: max_bytes - 3].decode(errors="ignore") + "..."
 
 
+def on_first_process(value):
+    """`value` in the first process of a multi-process run, None in the others.
+
+    torchrun and SLURM start every process with the same command line; the rank they set in the
+    environment (read by Lightning at import) is all that tells them apart before training starts.
+    """
+    return value if rank_zero_only.rank == 0 else None
+
+
 # replace=True: Hydra imports this file a second time, as module `train`, for SweepSummary.
 OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
+OmegaConf.register_new_resolver("on_first_process", on_first_process, replace=True)
 
 # Typed schema for the model group, so `model.n_embd=abc` fails at composition. Derived from
 # GPTConfig so the two cannot drift; vocab_size comes from the corpus, not the config.
@@ -59,6 +70,40 @@ ModelSchema = make_dataclass(
     [(f.name, _hints[f.name], f.default) for f in fields(GPTConfig) if f.name != "vocab_size"],
 )
 ConfigStore.instance().store(group="model", name="schema", node=ModelSchema)
+
+
+class SweepConfigError(UserError):
+    """A mistake that fails every job of a sweep alike: the sweep stops instead of recording each."""
+
+
+def refuse_script_relaunch_in_multirun(trainer: L.Trainer) -> None:
+    """Refuse a sweep whose strategy starts its processes by re-running the command line.
+
+    Plain DDP does; under -m each process would re-run the whole sweep (Lightning #18175, Hydra
+    #2070). ddp_spawn starts them from inside the job, torchrun and SLURM from outside: both fine.
+    """
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    launcher = trainer.strategy.launcher
+    if (
+        isinstance(launcher, _SubprocessScriptLauncher)
+        and trainer.num_devices > 1
+        and not launcher.cluster_environment.creates_processes_externally
+    ):
+        strategy = type(trainer.strategy).__name__
+        raise SweepConfigError(
+            f"a sweep (-m) on {trainer.num_devices} devices cannot use {strategy}, which "
+            "starts each process by re-running this command, so each would re-run the whole sweep; "
+            "add trainer.strategy=ddp_spawn, or run each configuration without -m"
+        )
+
+
+def best_val_loss(trainer: L.Trainer) -> float | None:
+    best = trainer.checkpoint_callback.best_model_score
+    if best is None:
+        # ddp_spawn hands back the callback metrics and best checkpoint path, not the best score.
+        best = trainer.callback_metrics.get("val/loss_best")
+    return None if best is None else best.item()
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -71,14 +116,14 @@ def train(cfg: DictConfig) -> float | None:
         logger=instantiate(cfg.logger),
         callbacks=[instantiate(c) for c in cfg.callbacks.values()],
     )
-    checkpoint_dir = Path(trainer.checkpoint_callback.dirpath)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir)
+    refuse_script_relaunch_in_multirun(trainer)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, Path(trainer.checkpoint_callback.dirpath))
     if ckpt_path is not None:
         check_resumable(ckpt_path, module)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_score
+    best = best_val_loss(trainer)
     if trainer.is_global_zero:
         run_dir = HydraConfig.get().runtime.output_dir
         tokens_per_sec = trainer.callback_metrics.get("train/tokens_per_sec")
@@ -86,16 +131,16 @@ def train(cfg: DictConfig) -> float | None:
             overrides=HydraConfig.get().job.override_dirname,
             status="ok",
             num_params=module.model.num_parameters(),
-            best_val_loss=None if best is None else best.item(),
+            best_val_loss=best,
             tokens_per_sec=None if tokens_per_sec is None else tokens_per_sec.item(),
             wall_time_s=time.perf_counter() - started,
             best_checkpoint=checkpoint.best_model_path or None,
         )
         write_result(run_dir, result)
-        print(f"\nbest val/loss: {best.item():.4f}" if best is not None else "\nno validation ran")
+        print(f"\nbest val/loss: {best:.4f}" if best is not None else "\nno validation ran")
         print(f"checkpoints:   {checkpoint.dirpath}")
         print(f"sample with:   python generate.py ckpt={run_dir} prompt='ROMEO:' max_new_tokens=500")
-    return None if best is None else best.item()
+    return best
 
 
 def record_failure(error: Exception) -> float:
@@ -138,15 +183,17 @@ class OwnRunDir(Callback):
     The default run dir, outputs/DATE/TIME, has a resolution of one second: two runs started in
     the same second would share it. When hydra.run.dir depends on ${now:}, the dir is claimed
     with claim_new_dir (a second run of the same second gets TIME-1). A hydra.run.dir without
-    ${now:} is used as it is: a resumed run, a DDP child process, a SLURM job's own dir. So are
-    processes that torchrun started (RANK set), which must agree on one dir without talking.
+    ${now:} is used as it is: a resumed run, a DDP child process, a SLURM job's own dir. So is
+    the dir of a process that torchrun or SLURM started as one of several (see on_first_process):
+    they must all arrive at the same dir without talking to each other.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         run_dir = Path(config.hydra.run.dir)
         time_based = "${now:" in OmegaConf.to_container(config.hydra.run, resolve=False)["dir"]
         try:
-            if time_based and "RANK" not in os.environ:
+            one_of_several = "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+            if time_based and not one_of_several:
                 with open_dict(config.hydra.run):
                     config.hydra.run.dir = str(claim_new_dir(run_dir))
             else:
@@ -182,31 +229,46 @@ def main(cfg: DictConfig) -> float | None:
         print("\nSIGTERM before the first training step: nothing new was saved", file=sys.stderr)
         sys.exit(128 + 15)
     except Exception as e:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            return record_failure(e)
         user_error = find_user_error(e)
+        if HydraConfig.get().mode == RunMode.MULTIRUN and not isinstance(user_error, SweepConfigError):
+            return record_failure(e)
         if user_error is None:
             raise
         print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
 
 
-def require_sweep_extra(argv: list[str]) -> None:
-    """hparams_search configs need the Optuna sweeper plugin; say which extra installs it."""
-    if not any(arg.startswith("hparams_search=") for arg in argv):
-        return
-    try:
-        installed = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
-    except ModuleNotFoundError:  # not even the hydra_plugins namespace
-        installed = False
-    if not installed:
-        print(
-            "error: hparams_search needs the Optuna sweeper, an optional extra: pip install -e '.[sweep]'",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+# Choices that need an optional Hydra plugin: (override prefixes, plugin module, what needs it, extra).
+PLUGIN_EXTRAS = [
+    (
+        ("hparams_search=",),
+        "hydra_plugins.hydra_optuna_sweeper",
+        "hparams_search needs the Optuna sweeper",
+        "sweep",
+    ),
+    (
+        ("hydra/launcher=slurm", "hydra/launcher=submitit"),
+        "hydra_plugins.hydra_submitit_launcher",
+        "the SLURM and submitit launchers need hydra-submitit-launcher",
+        "slurm",
+    ),
+]
+
+
+def require_plugin_extras(argv: list[str]) -> None:
+    """Say which optional extra installs a plugin that the command line asks for."""
+    for prefixes, module, need, extra in PLUGIN_EXTRAS:
+        if not any(arg.startswith(prefixes) for arg in argv):
+            continue
+        try:
+            installed = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # not even the hydra_plugins namespace
+            installed = False
+        if not installed:
+            print(f"error: {need}, an optional extra: pip install -e '.[{extra}]'", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":
-    require_sweep_extra(sys.argv[1:])
+    require_plugin_extras(sys.argv[1:])
     main()

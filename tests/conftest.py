@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from micropgpt.data import TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, download
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 LOCAL_CORPUS = ROOT / "data" / "tinyshakespeare" / "input.txt"
@@ -29,11 +31,12 @@ TINY = [
 
 @pytest.fixture(scope="session")
 def corpus() -> Path:
-    """Tiny Shakespeare: the project's download if present, else the shared copy."""
+    """Tiny Shakespeare: the project's copy, else a shared copy beside the clone, else downloaded."""
     for path in (LOCAL_CORPUS, SHARED_CORPUS):
         if path.exists():
             return path
-    pytest.fail(f"Tiny Shakespeare not found at {LOCAL_CORPUS} or {SHARED_CORPUS}")
+    download(TINY_SHAKESPEARE_URL, LOCAL_CORPUS, TINY_SHAKESPEARE_SHA256)
+    return LOCAL_CORPUS
 
 
 def run_train(run_dir: Path, *overrides: str, data_dir: Path | None = None, check: bool = True):

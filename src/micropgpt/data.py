@@ -1,9 +1,12 @@
 """The corpus as character blocks: fetch, verify, encode once, split, serve.
 
+A corpus is one UTF-8 text file, or a directory whose `.txt` files (recursively, in sorted order
+of their paths) are joined with a separator character between documents.
+
 The encoded corpus is cached under `cache_dir` as `<sha256 of the text>.ids` (raw uint16 ids, or
 uint32 for vocabularies over 65,536 characters) and `<sha256>.json` (vocabulary and length). The key
 is the content hash, so an edited corpus is re-encoded and a copied or moved one is not; the cache
-never goes beside the corpus, which may be read-only. Encoding streams through the file in chunks,
+never goes beside the corpus, which may be read-only. Encoding streams through the files in chunks,
 so memory stays bounded whatever the corpus size, and training windows read from a memory map.
 """
 
@@ -13,6 +16,7 @@ import codecs
 import hashlib
 import itertools
 import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +25,9 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
 
 from micropgpt.errors import UserError
 from micropgpt.files import atomic_write
@@ -32,6 +38,9 @@ TINY_SHAKESPEARE_URL = (
 )
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 CHUNK_BYTES = 16 << 20
+# Between two documents of a corpus directory: ASCII's record separator, which text rarely contains.
+DOCUMENT_SEPARATOR = "\x1e"
+UNICODE_SIZE = 0x110000
 
 
 def download(url: str, target: Path, sha256: str, timeout: float = 30.0) -> None:
@@ -56,17 +65,37 @@ def download(url: str, target: Path, sha256: str, timeout: float = 30.0) -> None
     atomic_write(target, fetch)
 
 
-def _read_chunks(path: Path) -> Iterator[bytes]:
+def corpus_files(path: Path) -> list[Path]:
+    """The files a corpus path stands for: the file itself, or a directory's .txt files, sorted."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise UserError(
+            f"corpus {path} does not exist; set data.path=<a UTF-8 text file or a directory of .txt files>"
+        )
+    files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    if not files:
+        raise UserError(
+            f"corpus directory {path} has no .txt files; put UTF-8 text files named *.txt in it "
+            "or set data.path=<a text file>"
+        )
+    return files
+
+
+def _read_chunks(path: Path, progress: tqdm | None = None) -> Iterator[bytes]:
     with path.open("rb") as f:
         while chunk := f.read(CHUNK_BYTES):
+            if progress is not None:
+                progress.update(len(chunk))
             yield chunk
 
 
-def _text_chunks(path: Path) -> Iterator[str]:
+def _text_chunks(path: Path, progress: tqdm | None = None) -> Iterator[str]:
     """Decode `path` as UTF-8 chunk by chunk; a bad byte is reported with its offset."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
-    for chunk in [*_read_chunks(path), b""]:
+    # chain, not a list: a list would hold the whole file in memory.
+    for chunk in itertools.chain(_read_chunks(path, progress), [b""]):
         pending = len(decoder.getstate()[0])
         try:
             yield decoder.decode(chunk, final=not chunk)
@@ -78,38 +107,73 @@ def _text_chunks(path: Path) -> Iterator[str]:
         offset += len(chunk)
 
 
+def _corpus_bytes(files: list[Path], separator: str, progress: tqdm) -> Iterator[bytes]:
+    for i, path in enumerate(files):
+        if i:
+            yield separator.encode()
+        yield from _read_chunks(path, progress)
+
+
+def _corpus_text(files: list[Path], separator: str, progress: tqdm) -> Iterator[str]:
+    for i, path in enumerate(files):
+        if i:
+            yield separator
+        yield from _text_chunks(path, progress)
+
+
+def _progress(files: list[Path], description: str) -> tqdm:
+    """A bytes progress bar on the first process only, shown when a pass takes over a second."""
+    total = sum(path.stat().st_size for path in files)
+    return tqdm(
+        total=total,
+        desc=description,
+        unit="B",
+        unit_scale=True,
+        delay=1.0,
+        disable=rank_zero_only.rank != 0,
+    )
+
+
 def _code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
-def encode_corpus(path: Path, cache_dir: Path) -> tuple[Path, CharTokenizer]:
-    """Encode `path` to a cached id file (once per content) and return it with its tokenizer."""
-    if path.is_dir() or not path.exists():
-        raise UserError(f"corpus {path} does not exist or is not a file; set data.path=<a UTF-8 text file>")
+def encode_corpus(
+    path: Path, cache_dir: Path, separator: str = DOCUMENT_SEPARATOR
+) -> tuple[Path, CharTokenizer]:
+    """Encode the corpus at `path` to a cached id file (once per content); return it and its tokenizer."""
+    files = corpus_files(path)
     digest = hashlib.sha256()
-    for chunk in _read_chunks(path):
-        digest.update(chunk)
+    with _progress(files, f"hashing {path.name}") as progress:
+        for chunk in _corpus_bytes(files, separator, progress):
+            digest.update(chunk)
     key = digest.hexdigest()
     ids_path, meta_path = cache_dir / f"{key}.ids", cache_dir / f"{key}.json"
     if meta_path.exists() and ids_path.exists():
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         return ids_path, CharTokenizer(meta["vocab"])
 
-    alphabet = np.zeros(0, dtype=np.uint32)
-    for text in _text_chunks(path):
-        alphabet = np.union1d(alphabet, np.unique(_code_points(text)))
+    # A count per Unicode code point (9 MB) instead of sorting every chunk: linear time.
+    seen = np.zeros(UNICODE_SIZE, dtype=bool)
+    with _progress(files, f"finding the characters of {path.name}") as progress:
+        for text in _corpus_text(files, separator, progress):
+            seen |= np.bincount(_code_points(text), minlength=UNICODE_SIZE) > 0
+    # Sorted code points are the sorted characters, so an id is the rank of its code point.
+    alphabet = np.flatnonzero(seen)
     if alphabet.size == 0:
         raise UserError(f"corpus {path} is empty; set data.path=<a UTF-8 text file>")
-    # Sorted code points are the sorted characters, so an id is the rank of its code point.
     dtype = np.uint16 if alphabet.size <= 1 << 16 else np.uint32
+    id_of = np.zeros(alphabet[-1] + 1, dtype=dtype)
+    id_of[alphabet] = np.arange(alphabet.size)
     num_tokens = 0
 
     def write_ids(f) -> None:
         nonlocal num_tokens
-        for text in _text_chunks(path):
-            ids = np.searchsorted(alphabet, _code_points(text)).astype(dtype)
-            f.write(ids.tobytes())
-            num_tokens += ids.size
+        with _progress(files, f"encoding {path.name}") as progress:
+            for text in _corpus_text(files, separator, progress):
+                ids = id_of[_code_points(text)]
+                f.write(ids.tobytes())
+                num_tokens += ids.size
 
     atomic_write(ids_path, write_ids)
     tokenizer = CharTokenizer([chr(c) for c in alphabet])
@@ -143,7 +207,7 @@ class _Windows(Dataset):
 
 
 class RandomWindows(_Windows):
-    """Every start position is one item; WindowSampler picks them at random."""
+    """Every start position is one item; the (distributed) sampler picks them at random."""
 
     def __len__(self) -> int:
         return self.stop - self.start - self.block_size
@@ -152,29 +216,43 @@ class RandomWindows(_Windows):
         return self._window(i)
 
 
-class WindowSampler(DistributedSampler):
-    """A random order of the training windows that a resumed run can continue where it stopped.
+class RandomWindowSampler(DistributedSampler):
+    """Window starts drawn uniformly at random with replacement (as nanoGPT does), in constant memory.
 
-    The order is a function of (seed, epoch) only, not of the global RNG, and each of
-    `num_replicas` processes takes its own share (DistributedSampler's split; Lightning keeps a
-    DistributedSampler as it is under DDP). `resume(epoch, batches)` skips the windows of the
-    `batches` batches this process already trained on in `epoch`; the length stays the whole
-    epoch's, which is what Lightning's restored batch counter expects.
+    A permutation of every start, which RandomSampler and Lightning's DistributedSampler build, is
+    a list of one Python int per character: about 6 GB for a 200 MB corpus. This draws the starts
+    in small chunks instead. Each process draws its own stream, seeded by (seed, epoch, rank), so
+    the processes of a multi-device run train on different windows; an epoch is the process's share
+    of as many windows as there are starts. Being a DistributedSampler, Lightning uses it as it is
+    rather than wrapping it in one that lists every index. `resume(epoch, samples)` makes it skip
+    the first `samples` windows of `epoch`, those a resumed run already trained on; the length
+    stays the whole epoch's, which is what Lightning's restored batch counter expects.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
-        self.batch_size = batch_size
-        self.resume_epoch, self.resume_batches = 0, 0
+    draw_size = 1 << 16
 
-    def resume(self, epoch: int, batches: int) -> None:
-        self.resume_epoch, self.resume_batches = epoch, batches
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        super().__init__(
+            dataset,
+            num_replicas=None if distributed else 1,
+            rank=None if distributed else 0,
+            shuffle=True,
+            seed=seed,
+        )
+        self.resume_epoch, self.resume_samples = 0, 0
 
-    def __iter__(self):
-        indices = super().__iter__()
-        if self.epoch == self.resume_epoch:
-            return itertools.islice(indices, self.resume_batches * self.batch_size, None)
-        return indices
+    def resume(self, epoch: int, samples: int) -> None:
+        self.resume_epoch, self.resume_samples = epoch, samples
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        skip = self.resume_samples if self.epoch == self.resume_epoch else 0
+        for first in range(0, self.num_samples, self.draw_size):
+            count = min(self.draw_size, self.num_samples - first)
+            # Skipped windows are drawn all the same, so the ones after them are the same too.
+            starts = rng.integers(len(self.dataset), size=count)
+            yield from starts[max(0, skip - first) :].tolist()
 
 
 class ConsecutiveWindows(_Windows):
@@ -190,10 +268,12 @@ class ConsecutiveWindows(_Windows):
 class CharDataModule(L.LightningDataModule):
     """Character blocks of a UTF-8 corpus: Tiny Shakespeare unless `path` names another file.
 
+    `path` may also be a directory: its .txt files, in sorted order, joined by `separator`.
     Without `path`, the corpus is fetched from `url` into `data_dir` when missing and kept only if
     its SHA-256 is `sha256`. The first `1 - val_fraction` of the characters train, the rest validate.
-    Training windows come in an order fixed by `seed` (see WindowSampler); the position in it is
-    saved in checkpoints, so a resumed run continues with the windows the interrupted one had next.
+    Training windows come in an order fixed by the run's seed (see RandomWindowSampler); the
+    position in it is saved in checkpoints, so a resumed run continues with the windows the
+    interrupted one had next.
     """
 
     def __init__(
@@ -206,7 +286,7 @@ class CharDataModule(L.LightningDataModule):
         num_workers: int = 0,
         url: str = TINY_SHAKESPEARE_URL,
         sha256: str = TINY_SHAKESPEARE_SHA256,
-        seed: int = 0,
+        separator: str = DOCUMENT_SEPARATOR,
     ):
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
@@ -216,10 +296,9 @@ class CharDataModule(L.LightningDataModule):
         self.data_dir = Path(data_dir)
         self.path = Path(path) if path else self.data_dir / "tinyshakespeare" / "input.txt"
         self.download_default = not path
-        self.url, self.sha256 = url, sha256
+        self.url, self.sha256, self.separator = url, sha256, separator
         self.block_size, self.batch_size = block_size, batch_size
         self.val_fraction, self.num_workers = val_fraction, num_workers
-        self.seed = seed
         self.resume_at = (0, 0)  # (epoch, batches trained in it), from a checkpoint
         self.tokenizer: CharTokenizer | None = None
         self.ids_path: Path | None = None
@@ -231,7 +310,7 @@ class CharDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         if self.download_default and not self.path.exists():
             download(self.url, self.path, self.sha256)
-        self.ids_path, self.tokenizer = encode_corpus(self.path, self.cache_dir)
+        self.ids_path, self.tokenizer = encode_corpus(self.path, self.cache_dir, self.separator)
 
     @property
     def vocab(self) -> list[str]:
@@ -257,10 +336,11 @@ class CharDataModule(L.LightningDataModule):
         self.val_set = ConsecutiveWindows(self.ids_path, dtype, split, total, self.block_size)
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        num_replicas, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
-        sampler = WindowSampler(self.train_set, self.batch_size, num_replicas, rank, self.seed)
-        sampler.resume(*self.resume_at)
+        # seed_everything's seed, as Lightning's own samplers take it.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = RandomWindowSampler(self.train_set, seed)
+        epoch, batches = self.resume_at
+        sampler.resume(epoch, batches * self.batch_size)
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
@@ -283,7 +363,7 @@ class CharDataModule(L.LightningDataModule):
         # Without one, every new DataLoader iterator (each validation) draws its workers' base
         # seed from the global RNG, and a resumed run, which validates at other moments, would
         # then draw other dropout masks than the uninterrupted one.
-        return torch.Generator().manual_seed(self.seed)
+        return torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)))
 
     def state_dict(self) -> dict[str, int]:
         # Lightning's count of the batches trained on in this epoch (processed: the optimizer step

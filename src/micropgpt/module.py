@@ -89,8 +89,10 @@ class GPTModule(L.LightningModule):
                 "val/bpc_best": best / math.log(2),
             },
             prog_bar=False,
+            # Already equal on every rank (compute() synchronised them); this tells Lightning so.
+            sync_dist=True,
         )
-        self.log("val_loss", loss, prog_bar=True, logger=False)
+        self.log("val_loss", loss, prog_bar=True, logger=False, sync_dist=True)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
