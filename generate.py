@@ -77,6 +77,14 @@ def generate(cfg: DictConfig) -> None:
         f"block_size {model.config.block_size}, on {device}",
         file=sys.stderr,
     )
+    block_size = model.config.block_size
+    if len(prompt) > block_size:
+        # Learned positions stop at block_size: the model conditions on the prompt's end only.
+        print(
+            f"note: the prompt has {len(prompt)} characters, more than block_size {block_size}: "
+            f"the model sees its last {block_size}",
+            file=sys.stderr,
+        )
     text = []
     for piece in pieces:
         text.append(piece)

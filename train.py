@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shlex
 import sys
+import tempfile
 import time
 import typing
 from dataclasses import fields, make_dataclass
@@ -23,10 +26,14 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from micropgpt.errors import UserError, find_user_error
+from micropgpt.files import claim_new_dir
+from micropgpt.interrupts import TrainingInterrupted
 from micropgpt.model import GPTConfig
+from micropgpt.resume import check_resumable, resolve_ckpt_path
 from micropgpt.summary import RunResult, write_result, write_summary
 
 log = logging.getLogger(__name__)
@@ -110,7 +117,10 @@ def train(cfg: DictConfig) -> float | None:
         callbacks=[instantiate(c) for c in cfg.callbacks.values()],
     )
     refuse_script_relaunch_in_multirun(trainer)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, Path(trainer.checkpoint_callback.dirpath))
+    if ckpt_path is not None:
+        check_resumable(ckpt_path, module)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     checkpoint = trainer.checkpoint_callback
     best = best_val_loss(trainer)
@@ -167,10 +177,57 @@ class SweepSummary(Callback):
         print(f"\nsweep summary ({sweep_dir / 'summary.csv'}):\n{markdown}")
 
 
+class OwnRunDir(Callback):
+    """Gives every run a run dir of its own, and stops in one line when it cannot be written.
+
+    The default run dir, outputs/DATE/TIME, has a resolution of one second: two runs started in
+    the same second would share it. When hydra.run.dir depends on ${now:}, the dir is claimed
+    with claim_new_dir (a second run of the same second gets TIME-1). A hydra.run.dir without
+    ${now:} is used as it is: a resumed run, a DDP child process, a SLURM job's own dir. So is
+    the dir of a process that torchrun or SLURM started as one of several (see on_first_process):
+    they must all arrive at the same dir without talking to each other.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        run_dir = Path(config.hydra.run.dir)
+        time_based = "${now:" in OmegaConf.to_container(config.hydra.run, resolve=False)["dir"]
+        try:
+            one_of_several = "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+            if time_based and not one_of_several:
+                with open_dict(config.hydra.run):
+                    config.hydra.run.dir = str(claim_new_dir(run_dir))
+            else:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=run_dir).close()
+        except OSError as e:
+            print(
+                f"error: run directory {run_dir} cannot be written ({e.strerror}); "
+                "pass hydra.run.dir=<a writable directory>",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+
+
+def resume_command() -> str:
+    """The command that continues this run from its last.ckpt."""
+    hydra_config = HydraConfig.get()
+    overrides = [o for o in hydra_config.overrides.task if not o.startswith("ckpt_path=")]
+    run_dir = hydra_config.runtime.output_dir
+    return shlex.join(["python", "train.py", *overrides, f"hydra.run.dir={run_dir}", "ckpt_path=last"])
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
+    except TrainingInterrupted as e:
+        if rank_zero_only.rank == 0:
+            print(f"\n{e}\nresume with: {resume_command()}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except SIGTERMException:
+        # Lightning's own SIGTERM handling, before training started: there is nothing new to save.
+        print("\nSIGTERM before the first training step: nothing new was saved", file=sys.stderr)
+        sys.exit(128 + 15)
     except Exception as e:
         user_error = find_user_error(e)
         if HydraConfig.get().mode == RunMode.MULTIRUN and not isinstance(user_error, SweepConfigError):

@@ -55,7 +55,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     this project's checkpoint, or whose pickle would run code, raises UserError.
     """
     file = resolve_checkpoint(path)
-    checkpoint = _read_safely(file)
+    checkpoint = read_checkpoint(file)
     vocab, model_hparams = _hyperparameters(file, checkpoint)
     try:
         config = GPTConfig(vocab_size=len(vocab), **model_hparams)
@@ -72,7 +72,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     return model.to(device).eval(), CharTokenizer(vocab)
 
 
-def _read_safely(file: Path) -> dict:
+def read_checkpoint(file: Path) -> dict:
+    """The dict in a checkpoint file, read without running any code; UserError if it is not one."""
     # torch.save writes a zip archive; anything else (text, random bytes, a truncated download,
     # a bare pickle) is refused before any byte of it is unpickled.
     if not zipfile.is_zipfile(file):

@@ -224,7 +224,9 @@ class RandomWindowSampler(DistributedSampler):
     in small chunks instead. Each process draws its own stream, seeded by (seed, epoch, rank), so
     the processes of a multi-device run train on different windows; an epoch is the process's share
     of as many windows as there are starts. Being a DistributedSampler, Lightning uses it as it is
-    rather than wrapping it in one that lists every index.
+    rather than wrapping it in one that lists every index. `resume(epoch, samples)` makes it skip
+    the first `samples` windows of `epoch`, those a resumed run already trained on; the length
+    stays the whole epoch's, which is what Lightning's restored batch counter expects.
     """
 
     draw_size = 1 << 16
@@ -238,12 +240,19 @@ class RandomWindowSampler(DistributedSampler):
             shuffle=True,
             seed=seed,
         )
+        self.resume_epoch, self.resume_samples = 0, 0
+
+    def resume(self, epoch: int, samples: int) -> None:
+        self.resume_epoch, self.resume_samples = epoch, samples
 
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        skip = self.resume_samples if self.epoch == self.resume_epoch else 0
         for first in range(0, self.num_samples, self.draw_size):
             count = min(self.draw_size, self.num_samples - first)
-            yield from rng.integers(len(self.dataset), size=count).tolist()
+            # Skipped windows are drawn all the same, so the ones after them are the same too.
+            starts = rng.integers(len(self.dataset), size=count)
+            yield from starts[max(0, skip - first) :].tolist()
 
 
 class ConsecutiveWindows(_Windows):
@@ -262,6 +271,9 @@ class CharDataModule(L.LightningDataModule):
     `path` may also be a directory: its .txt files, in sorted order, joined by `separator`.
     Without `path`, the corpus is fetched from `url` into `data_dir` when missing and kept only if
     its SHA-256 is `sha256`. The first `1 - val_fraction` of the characters train, the rest validate.
+    Training windows come in an order fixed by the run's seed (see RandomWindowSampler); the
+    position in it is saved in checkpoints, so a resumed run continues with the windows the
+    interrupted one had next.
     """
 
     def __init__(
@@ -287,6 +299,7 @@ class CharDataModule(L.LightningDataModule):
         self.url, self.sha256, self.separator = url, sha256, separator
         self.block_size, self.batch_size = block_size, batch_size
         self.val_fraction, self.num_workers = val_fraction, num_workers
+        self.resume_at = (0, 0)  # (epoch, batches trained in it), from a checkpoint
         self.tokenizer: CharTokenizer | None = None
         self.ids_path: Path | None = None
 
@@ -325,14 +338,39 @@ class CharDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # seed_everything's seed, as Lightning's own samplers take it.
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = RandomWindowSampler(self.train_set, seed)
+        epoch, batches = self.resume_at
+        sampler.resume(epoch, batches * self.batch_size)
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            sampler=RandomWindowSampler(self.train_set, seed),
+            sampler=sampler,
             drop_last=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=self._loader_generator(),
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+        return DataLoader(
+            self.val_set,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            generator=self._loader_generator(),
+        )
+
+    def _loader_generator(self) -> torch.Generator:
+        # Without one, every new DataLoader iterator (each validation) draws its workers' base
+        # seed from the global RNG, and a resumed run, which validates at other moments, would
+        # then draw other dropout masks than the uninterrupted one.
+        return torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)))
+
+    def state_dict(self) -> dict[str, int]:
+        # Lightning's count of the batches trained on in this epoch (processed: the optimizer step
+        # is done), as of the checkpoint, whatever the DataLoader had prefetched beyond them.
+        loop = self.trainer.fit_loop
+        batches = loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": loop.epoch_progress.current.processed, "batches": batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.resume_at = (state_dict["epoch"], state_dict["batches"])

@@ -1,7 +1,8 @@
-"""Writing files so that a crash or a full disk never leaves a half-written one behind."""
+"""Files and directories that a crash, a full disk or a concurrent run cannot leave half-made or shared."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -24,3 +25,19 @@ def atomic_write(target: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def claim_new_dir(path: Path) -> Path:
+    """Create and return `path`, or else `path-1`, `path-2`, ...: the first that did not exist.
+
+    mkdir either creates a directory or fails because it exists, in one step, so two processes
+    that claim the same path at the same moment get two different directories.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count():
+        candidate = path if n == 0 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate

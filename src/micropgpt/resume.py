@@ -1,0 +1,116 @@
+"""Resuming a run: which checkpoint `ckpt_path` means, whether it fits this run, and the RNG state.
+
+A resumed run continues the interrupted one exactly (on the CPU, with the same seed): Lightning
+restores the weights, optimizer, LR schedule, step counters and ModelCheckpoint's best score,
+CharDataModule the position in the order of training windows, and RNGState the random number
+generators, so dropout draws the masks the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from micropgpt.checkpoint import read_checkpoint
+from micropgpt.errors import UserError
+
+LAST = "last.ckpt"
+
+
+def last_checkpoint(trainer: L.Trainer) -> Path:
+    """Where this run's last.ckpt goes: beside best.ckpt, in the first ModelCheckpoint's dirpath."""
+    callback = trainer.checkpoint_callback
+    directory = getattr(callback, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
+    return Path(directory) / LAST
+
+
+def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path) -> Path | None:
+    """The checkpoint to resume from: `last` is `checkpoint_dir`/last.ckpt, which must exist;
+    `auto` is the same when it exists, else None (a fresh start); anything else is a file."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path in ("last", "auto"):
+        last = checkpoint_dir / LAST
+        if last.is_file():
+            return last
+        if ckpt_path == "auto":
+            return None
+        raise UserError(
+            f"ckpt_path=last but {last} does not exist; pass hydra.run.dir= the run directory to "
+            "resume (outputs/DATE/TIME), or ckpt_path= a .ckpt file"
+        )
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UserError(f"ckpt_path={ckpt_path} is not a file; pass a .ckpt file, last or auto")
+    return path
+
+
+def check_resumable(file: Path, module: L.LightningModule) -> None:
+    """Refuse, before Lightning loads it, a checkpoint that is unsafe, damaged or of another model.
+
+    Read with weights_only=True like generate.py does, so a pickle that would run code never runs.
+    """
+    checkpoint = read_checkpoint(file)
+    hparams, weights = checkpoint.get("hyper_parameters"), checkpoint.get("state_dict")
+    if not (isinstance(hparams, dict) and {"vocab", "model"} <= hparams.keys() and isinstance(weights, dict)):
+        raise UserError(f"{file} is not a micropgpt checkpoint; resume from a checkpoint train.py saved")
+    vocab = module.hparams.vocab
+    if hparams["vocab"] != vocab:
+        raise UserError(
+            f"{file} was trained on another corpus ({len(hparams['vocab'])} characters, this one has "
+            f"{len(vocab)}); resume with the data.path it was trained on"
+        )
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)} != shapes:
+        ours = module.hparams.model
+        differences = [f"model.{k}={ours.get(k)}" for k, v in hparams["model"].items() if ours.get(k) != v]
+        saved = [f"model.{k}={v}" for k, v in hparams["model"].items() if ours.get(k) != v]
+        raise UserError(
+            f"{file} holds another architecture: it was trained with {', '.join(saved) or 'other code'}, "
+            f"this run has {', '.join(differences) or 'a different model'}; resume with its model settings"
+        )
+
+
+class RNGState(L.Callback):
+    """Saves the random number generators in each checkpoint and restores them on resume.
+
+    They are restored just before the first training step, where the uninterrupted run's
+    generators were in the same state: nothing between a checkpoint and the next step draws
+    from them (the DataLoaders have their own generators, validation no dropout).
+    Under DDP every rank gets rank 0's state, as all ranks start from the same seed anyway.
+    """
+
+    def __init__(self):
+        self._restore: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        _, keys, pos, has_gauss, gauss = np.random.get_state()
+        # Tensors and plain values only, so the checkpoint still loads with weights_only=True.
+        state = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restore = state_dict
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._restore is None:
+            return
+        state, self._restore = self._restore, None
+        torch.set_rng_state(state["torch"])
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,414 @@
+"""Reliability, as users meet it: train.py killed, interrupted, diverging, out of disk, run twice.
+
+Every resumed run here is compared with the module's uninterrupted `reference` run (the same
+config and seed): the final weights must be bit-identical, and so the validation loss. Hostile
+and broken inputs must give one `error:` line, a non-zero exit, and leave earlier files intact.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from micropgpt.checkpoint import load_checkpoint, read_checkpoint
+from micropgpt.errors import UserError
+from micropgpt.files import claim_new_dir
+from micropgpt.module import GPTModule
+from micropgpt.resume import check_resumable, resolve_ckpt_path
+
+# One thread: quicker on a shared 2-core machine, and float sums are bit-identical only between
+# runs that split them over the same number of threads.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+TINY_RUN = [*TINY, "trainer.max_steps=60"]
+
+
+def train_command(run_dir: Path, data_dir: Path, *overrides: str) -> list[str]:
+    where = [f"hydra.run.dir={run_dir}", f"data.data_dir={data_dir}"]
+    return [sys.executable, str(ROOT / "train.py"), *where, *overrides]
+
+
+def train(command: list[str], env=ENV, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def start_train(command: list[str]) -> subprocess.Popen:
+    pipe = subprocess.PIPE
+    return subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=pipe, stderr=pipe, text=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, corpus):
+    """`tiny(run_dir, *overrides)`: the command of a tiny 60-step run; all share one data dir."""
+    data_dir = tmp_path_factory.mktemp("reliability") / "data"
+
+    def command(run_dir: Path, *overrides: str) -> list[str]:
+        return train_command(run_dir, data_dir, *TINY_RUN, f"data.path={corpus}", *overrides)
+
+    return command
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory) -> Path:
+    """The uninterrupted run that every interrupted one must reproduce: its run dir."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = train(tiny(run_dir))
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def val_losses(run_dir: Path) -> dict[int, float]:
+    """val/loss by step over every TensorBoard event file of the run (a resumed run writes two)."""
+    losses = {}
+    for event_file in run_dir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(event_file), size_guidance={"scalars": 0}).Reload()
+        if "val/loss" in accumulator.Tags()["scalars"]:
+            losses.update({event.step: event.value for event in accumulator.Scalars("val/loss")})
+    return losses
+
+
+def assert_same_weights(run_dir: Path, reference: Path) -> None:
+    def weights(run: Path) -> dict[str, torch.Tensor]:
+        state_dict = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+        return {key: value for key, value in state_dict.items() if key.startswith("model.")}
+
+    ours, theirs = weights(run_dir), weights(reference)
+    assert ours.keys() == theirs.keys()
+    different = [key for key in ours if not torch.equal(ours[key], theirs[key])]
+    assert not different, f"weights differ from the uninterrupted run's: {different}"
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, expected: str) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert expected in errors[0], errors[0]
+    return errors[0]
+
+
+def file_bytes(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+# --- determinism ---
+
+
+def test_same_seed_and_config_give_bit_identical_val_loss_and_weights(tiny, reference, tmp_path):
+    result = train(tiny(tmp_path / "again"))
+    assert result.returncode == 0, result.stderr
+    assert len(val_losses(reference)) == 3
+    assert val_losses(tmp_path / "again") == val_losses(reference)
+    assert_same_weights(tmp_path / "again", reference)
+
+
+# --- SIGKILL at any moment, SIGINT and SIGTERM ---
+
+
+def wait_for(proc: subprocess.Popen, condition, what: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"train.py ended (exit {proc.returncode}) before {what}:\n{out}\n{err}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+def temp_files(directory: Path) -> set[str]:
+    return {name for name in os.listdir(directory) if name.endswith(".tmp")} if directory.exists() else set()
+
+
+def test_sigkill_even_mid_write_leaves_a_loadable_last_ckpt_and_resuming_matches(tiny, reference, tmp_path):
+    """Killed three times, twice as soon as a checkpoint write starts; resumed each time with
+    ckpt_path=last; the finished run has the uninterrupted run's weights, bit for bit."""
+    run_dir = tmp_path / "killed"
+    checkpoints, last = run_dir / "checkpoints", run_dir / "checkpoints" / "last.ckpt"
+    # last.ckpt after every step: writes are a large part of the run, and kills land in them.
+    every_step = "callbacks.last_checkpoint.every_n_train_steps=1"
+    steps, kills_mid_write = [], 0
+    for plan in ("mid-write", "anywhere", "mid-write"):
+        before = last.stat().st_mtime_ns if last.exists() else None
+        proc = start_train(tiny(run_dir, every_step, *(["ckpt_path=last"] if before else [])))
+        wait_for(proc, lambda b=before: last.exists() and last.stat().st_mtime_ns != b, "a new last.ckpt")
+        left_by_earlier_kills = temp_files(checkpoints)
+        if plan == "mid-write":
+            started = lambda old=left_by_earlier_kills: temp_files(checkpoints) > old  # noqa: E731
+            wait_for(proc, started, "a checkpoint write")
+        else:
+            time.sleep(0.2)
+        proc.kill()
+        proc.communicate()
+        # A writer killed before its rename leaves its temporary file behind, and last.ckpt whole.
+        kills_mid_write += temp_files(checkpoints) > left_by_earlier_kills
+        steps.append(read_checkpoint(last)["global_step"])
+    assert kills_mid_write >= 1, "no kill landed in the middle of a checkpoint write"
+    assert 0 < steps[0] < steps[1] < steps[2] < 60, steps
+
+    result = train(tiny(run_dir, every_step, "ckpt_path=last"))
+    assert result.returncode == 0, result.stderr
+    assert read_checkpoint(last)["global_step"] == 60
+    assert_same_weights(run_dir, reference)
+
+
+def fake_slurm(tmp_path: Path) -> dict[str, str]:
+    """The environment of a SLURM job step, with a stand-in `scontrol` that records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.args"}\n')
+    scontrol.chmod(0o755)
+    job = {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "host"}
+    ranks = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    return {**ENV, **job, **ranks, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def wait_for_step(proc: subprocess.Popen, last: Path, step: int) -> None:
+    """Until last.ckpt holds `step` or a later one; it is read again only when it was replaced."""
+    seen = {"mtime": None}
+
+    def reached() -> bool:
+        mtime = last.stat().st_mtime_ns if last.exists() else None
+        if mtime == seen["mtime"]:
+            return False
+        seen["mtime"] = mtime
+        return read_checkpoint(last)["global_step"] >= step
+
+    wait_for(proc, reached, f"the last.ckpt of step {step}")
+
+
+def stop_with(proc: subprocess.Popen, signal_name: str, last: Path) -> list[str]:
+    """Sends the signal; checks the exit, the message and last.ckpt; returns the resume command."""
+    proc.send_signal(getattr(signal, signal_name))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + getattr(signal, signal_name), err
+    assert "Traceback" not in out + err
+    step = read_checkpoint(last)["global_step"]
+    assert f"{signal_name}: stopped at step {step}, checkpoint saved to {last}" in err
+    [hint] = [line for line in err.splitlines() if line.startswith("resume with: ")]
+    command = shlex.split(hint.removeprefix("resume with: "))
+    assert command[:2] == ["python", "train.py"]
+    assert f"hydra.run.dir={last.parent.parent}" in command and command[-1] == "ckpt_path=last"
+    return [sys.executable, str(ROOT / "train.py"), *command[2:]]
+
+
+def test_sigterm_and_sigint_save_last_ckpt_and_the_printed_command_resumes_exactly(tiny, reference, tmp_path):
+    """In a SLURM job: after step 20, SLURM's SIGUSR1 (Lightning saves hpc_ckpt_1 and requeues)
+    then its SIGTERM; resume; Ctrl-C after step 40; resume: the finished run is the reference."""
+    env = fake_slurm(tmp_path)
+    run_dir = tmp_path / "interrupted"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    pipe = subprocess.PIPE
+
+    proc = subprocess.Popen(tiny(run_dir), cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True)
+    wait_for_step(proc, last, 20)
+    proc.send_signal(signal.SIGUSR1)
+    wait_for(proc, (tmp_path / "scontrol.args").exists, "the requeue")
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+    resume = stop_with(proc, "SIGTERM", last)
+    hpc_step = read_checkpoint(run_dir / "hpc_ckpt_1.ckpt")["global_step"]
+    assert 20 <= hpc_step <= read_checkpoint(last)["global_step"] < 60
+
+    proc = subprocess.Popen(resume, cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True)
+    wait_for_step(proc, last, 40)
+    resume = stop_with(proc, "SIGINT", last)
+
+    result = train(resume, env=env)
+    assert result.returncode == 0, result.stderr
+    assert val_losses(run_dir) == val_losses(reference)  # at steps 20, 40 and 60
+    assert_same_weights(run_dir, reference)
+
+
+# --- divergence ---
+
+
+def test_non_finite_loss_stops_with_one_line_and_saves_no_nan_weights(tiny, tmp_path):
+    # AdamW with lr x weight_decay = 11 multiplies the weights by -10 every step: they overflow.
+    run_dir = tmp_path / "diverged"
+    overrides = ["trainer.val_check_interval=5", "optimizer.lr=0.1", "optimizer.weight_decay=110"]
+    result = train(tiny(run_dir, *overrides))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    line = assert_one_error_line(result, "training diverged: the loss is not finite from step ")
+    first_bad = int(line.split("from step ")[1].split()[0])
+    assert f"at step {first_bad - 1})" in line and "last finite loss " in line
+    assert f"go back to {last} (ckpt_path=last)" in line
+    for name in ("best.ckpt", "last.ckpt"):
+        checkpoint = read_checkpoint(run_dir / "checkpoints" / name)
+        assert checkpoint["global_step"] < first_bad
+        assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+# --- resume: which checkpoint, and refusing the wrong ones ---
+
+
+def test_ckpt_path_last_and_auto_find_last_ckpt_and_only_auto_may_start_afresh(reference, tmp_path):
+    checkpoints, empty = reference / "checkpoints", tmp_path / "checkpoints"
+    assert resolve_ckpt_path("last", checkpoints) == checkpoints / "last.ckpt"
+    assert resolve_ckpt_path("auto", checkpoints) == checkpoints / "last.ckpt"
+    assert resolve_ckpt_path("auto", empty) is None
+    assert resolve_ckpt_path(None, checkpoints) is None
+    missing = re.escape(f"ckpt_path=last but {empty / 'last.ckpt'} does not exist; pass hydra.run.dir=")
+    with pytest.raises(UserError, match=missing):
+        resolve_ckpt_path("last", empty)
+    with pytest.raises(UserError, match=re.escape("is not a file; pass a .ckpt file, last or auto")):
+        resolve_ckpt_path(str(tmp_path / "nowhere.ckpt"), checkpoints)
+
+
+class CallsCode:
+    """Unpickling this runs a shell command: what a hostile checkpoint does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resuming_from_a_pickle_that_runs_code_refuses_it_and_runs_nothing(tiny, reference, tmp_path):
+    checkpoint = read_checkpoint(reference / "checkpoints" / "last.ckpt")
+    checkpoint["payload"] = CallsCode(tmp_path / "pwned")
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save(checkpoint, hostile)
+
+    result = train(tiny(tmp_path / "run", f"ckpt_path={hostile}"))
+    assert_one_error_line(result, f"{hostile} is untrusted: its pickle would import")
+    assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def module_like(reference: Path, **model) -> GPTModule:
+    """A GPTModule as train.py builds it for the reference's config, changed by `model`."""
+    hparams = read_checkpoint(reference / "checkpoints" / "last.ckpt")["hyper_parameters"]
+    return GPTModule(hparams["vocab"], {**hparams["model"], **model}, optimizer=torch.optim.AdamW)
+
+
+def test_truncated_checkpoint_is_refused_for_resume_and_for_sampling(reference, tmp_path):
+    data = (reference / "checkpoints" / "last.ckpt").read_bytes()
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="is not a PyTorch checkpoint"):
+        check_resumable(truncated, module_like(reference))
+    with pytest.raises(UserError, match="is not a PyTorch checkpoint"):
+        load_checkpoint(truncated)
+
+
+def test_checkpoint_of_another_architecture_is_refused_for_resume_and_for_sampling(reference, tmp_path):
+    last = reference / "checkpoints" / "last.ckpt"
+    check_resumable(last, module_like(reference))
+    with pytest.raises(UserError, match=r"trained with model\.n_embd=32, this run has model\.n_embd=64"):
+        check_resumable(last, module_like(reference, n_embd=64))
+    # For sampling: a file whose hyperparameters claim another shape than its weights have.
+    mislabelled = read_checkpoint(last)
+    mislabelled["hyper_parameters"]["model"]["n_layer"] = 3
+    torch.save(mislabelled, tmp_path / "mislabelled.ckpt")
+    with pytest.raises(UserError, match="weights do not fit its own model hyperparameters"):
+        load_checkpoint(tmp_path / "mislabelled.ckpt")
+
+
+# --- disk full, read-only output ---
+
+
+def limit_file_size(max_bytes: int):
+    def apply() -> None:
+        # Writes past the limit then fail with EFBIG (File too large) instead of killing the process.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return apply
+
+
+def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tiny, reference, tmp_path):
+    run_dir = shutil.copytree(reference, tmp_path / "run")
+    checkpoints = run_dir / "checkpoints"
+    before = file_bytes(checkpoints)
+    assert min(len(data) for data in before.values()) > 200_000  # so the limit stops every checkpoint
+    command = tiny(run_dir, "trainer.max_steps=80", "ckpt_path=last")
+    result = train(command, preexec_fn=limit_file_size(200_000))
+    line = assert_one_error_line(result, f"could not write checkpoint {checkpoints}/")
+    assert "(File too large); the previous one is kept" in line
+    assert file_bytes(checkpoints) == before  # unchanged, and no temporary file left
+
+
+def without_root_override() -> None:
+    """Makes root obey file permissions: drops CAP_DAC_OVERRIDE, which lets root write anywhere,
+    from the capabilities that the exec'd process gets."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop, cap_dac_override = 24, 1  # from <linux/prctl.h>, <linux/capability.h>
+    if libc.prctl(pr_capbset_drop, cap_dac_override, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_DAC_OVERRIDE) failed")
+
+
+def test_read_only_run_dir_is_one_line_and_changes_nothing(tiny, reference, tmp_path):
+    run_dir = shutil.copytree(reference, tmp_path / "run")
+    for path in [run_dir, *run_dir.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    before = file_bytes(run_dir / "checkpoints")
+    try:
+        as_root = os.geteuid() == 0
+        result = train(tiny(run_dir, "ckpt_path=last"), preexec_fn=without_root_override if as_root else None)
+        assert_one_error_line(result, f"run directory {run_dir} cannot be written (Permission denied)")
+        assert file_bytes(run_dir / "checkpoints") == before
+    finally:
+        for path in [run_dir, *run_dir.rglob("*")]:
+            path.chmod(0o755)
+
+
+# --- concurrent runs ---
+
+
+def test_claim_new_dir_gives_every_concurrent_caller_its_own_directory(tmp_path):
+    claimed = []
+
+    def claim() -> None:
+        claimed.append(claim_new_dir(tmp_path / "12-00-00").name)
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == sorted(["12-00-00", *(f"12-00-00-{n}" for n in range(1, 8))])
+
+
+def test_two_runs_started_together_get_their_own_run_dirs(tmp_path):
+    # ${now:%Y}: one time-based name for both, as two runs started in the same second get.
+    runs = tmp_path / "outputs"
+    procs = [
+        start_train([sys.executable, "train.py", f"hydra.run.dir={runs}/${{now:%Y}}", seed, "data.path=/no"])
+        for seed in ("seed=1", "seed=2")
+    ]
+    for proc in procs:
+        proc.communicate(timeout=300)
+        assert proc.returncode == 2  # the missing corpus, found after the run dir was made
+    year = time.strftime("%Y")
+    assert sorted(run.name for run in runs.iterdir()) == [year, f"{year}-1"]
+    overrides = sorted((run / ".hydra" / "overrides.yaml").read_text() for run in runs.iterdir())
+    assert ["seed=1" in text for text in overrides] == [True, False]  # each kept its own config
+
+
+# --- generate.py: a prompt longer than the model's context ---
+
+
+def test_prompt_longer_than_block_size_is_cropped_with_a_note(reference, tmp_path):
+    prompt = "First Citizen: Before we proceed any further, hear me speak."
+    command = [sys.executable, str(ROOT / "generate.py"), f"ckpt={reference}", f"prompt='{prompt}'"]
+    result = subprocess.run([*command, "max_new_tokens=9"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"note: the prompt has {len(prompt)} characters, more than block_size 32" in result.stderr
+    assert result.stdout.startswith(prompt)
