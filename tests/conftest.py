@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 
+# One thread per process: the tiny models gain nothing from two, and where the cores are busy
+# (a shared CI machine, two DDP processes on two cores) threads waiting on each other made runs
+# ten times slower. Set before torch is imported; subprocesses inherit it.
+os.environ["OMP_NUM_THREADS"] = "1"
+
 from micropgpt.data import TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, download
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ def run_generate(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     cwd.mkdir(parents=True, exist_ok=True)
     before = sorted(cwd.iterdir())
     # One thread: on a shared 2-core machine two OpenMP threads per tiny step wait on each other.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     cmd = [sys.executable, str(ROOT / "generate.py"), *overrides]
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
     assert sorted(cwd.iterdir()) == before, "generate.py wrote files into the working directory"

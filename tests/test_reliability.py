@@ -33,7 +33,7 @@ from micropgpt.resume import check_resumable, resolve_ckpt_path
 
 # One thread: quicker on a shared 2-core machine, and float sums are bit-identical only between
 # runs that split them over the same number of threads.
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 TINY_RUN = [*TINY, "trainer.max_steps=60"]
 
 
