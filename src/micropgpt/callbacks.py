@@ -5,7 +5,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from micropgpt.tokenizer import CharTokenizer
@@ -23,11 +24,19 @@ class TextSamples(L.Callback):
 
     def __init__(self, num_chars: int = 300, prompt: str = "\n", temperature: float = 1.0, seed: int = 0):
         self.num_chars, self.prompt, self.temperature, self.seed = num_chars, prompt, temperature, seed
+        self.enabled = True
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # Each process holds only shards of the weights, and FSDP's mixed-precision forward
+            # cannot run the cached one-position steps of generate().
+            self.enabled = False
+            rank_zero_warn("text samples are off under FSDP; sample the checkpoints with generate.py")
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = _tensorboard(trainer)
-        if trainer.sanity_checking or logger is None:
+        if trainer.sanity_checking or logger is None or not self.enabled:
             return
         tokenizer = CharTokenizer(pl_module.hparams.vocab)
         prompt = torch.tensor([tokenizer.encode(self.prompt)], device=pl_module.device)

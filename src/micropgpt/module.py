@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric, MinMetric
@@ -93,6 +94,19 @@ class GPTModule(L.LightningModule):
             sync_dist=True,
         )
         self.log("val_loss", loss, prog_bar=True, logger=False, sync_dist=True)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning's FSDP precision plugin refuses norm clipping; FSDP's own method computes
+            # the norm over all shards, so trainer.gradient_clip_val means the same as elsewhere.
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
