@@ -61,6 +61,17 @@ def run_train(run_dir: Path, *overrides: str, data_dir: Path | None = None, chec
     return result
 
 
+def run_train_without(plugin: str, *argv: str) -> subprocess.CompletedProcess:
+    """`python train.py *argv` as if the optional Hydra plugin module `plugin` were not installed."""
+    hide_plugin = (
+        f"import runpy, sys; sys.modules[{plugin!r}] = None; sys.argv = ['train.py', *{list(argv)!r}]; "
+        "runpy.run_path('train.py', run_name='__main__')"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", hide_plugin], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, corpus) -> Path:
     """A finished 60-step training run of a tiny model on Tiny Shakespeare: its run dir."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, run_train
+from conftest import ROOT, TINY, run_train, run_train_without
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
@@ -243,14 +243,7 @@ def test_slurm_launcher_asks_for_the_trainers_nodes_and_devices():
 
 
 def test_a_missing_slurm_extra_names_the_extra_to_install():
-    hide_plugin = (
-        "import runpy, sys; sys.modules['hydra_plugins.hydra_submitit_launcher'] = None; "
-        "sys.argv = ['train.py', '-m', 'hydra/launcher=slurm']; "
-        "runpy.run_path('train.py', run_name='__main__')"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", hide_plugin], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    result = run_train_without("hydra_plugins.hydra_submitit_launcher", "-m", "hydra/launcher=slurm")
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "error: the SLURM and submitit launchers need hydra-submitit-launcher, an optional extra: "

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_train_without
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
@@ -162,13 +162,7 @@ def test_optuna_search_runs_its_trials(tmp_path, corpus):
 
 
 def test_a_missing_sweep_extra_names_the_extra_to_install():
-    hide_plugin = (
-        "import runpy, sys; sys.modules['hydra_plugins.hydra_optuna_sweeper'] = None; "
-        "sys.argv = ['train.py', 'hparams_search=optuna']; runpy.run_path('train.py', run_name='__main__')"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", hide_plugin], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    result = run_train_without("hydra_plugins.hydra_optuna_sweeper", "hparams_search=optuna")
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "error: hparams_search needs the Optuna sweeper, an optional extra: pip install -e '.[sweep]'"
