@@ -6,6 +6,7 @@ micropgpt.sampling.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,11 @@ def generate(cfg: DictConfig) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         generate(cfg)
+    except BrokenPipeError:
+        # The reader went away (`generate.py ... | head`): stop quietly, as other Unix tools do.
+        # Pointing stdout at /dev/null keeps Python's flush at exit from failing a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except Exception as e:
         user_error = find_user_error(e)
         if user_error is None:

@@ -22,7 +22,6 @@ def run_generate(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     """`python generate.py` from `cwd`, which it must leave as it found it."""
     cwd.mkdir(parents=True, exist_ok=True)
     before = sorted(cwd.iterdir())
-    # One thread: on a shared 2-core machine two OpenMP threads per tiny step wait on each other.
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     cmd = [sys.executable, str(ROOT / "generate.py"), *overrides]
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
@@ -53,6 +52,17 @@ def test_same_command_prints_the_same_text(tiny_run, tmp_path):
     assert run_generate(tmp_path, *command).stdout == first.stdout
     assert run_generate(tmp_path, *command, "stream=false").stdout == first.stdout
     assert run_generate(tmp_path, *command[:-1], "seed=8").stdout != first.stdout
+
+
+def test_a_reader_that_stops_early_ends_generation_quietly(tiny_run, tmp_path):
+    # `python generate.py ... | head -c 10`: the pipe closes while characters still stream.
+    cmd = [sys.executable, str(ROOT / "generate.py"), f"ckpt={tiny_run}", "max_new_tokens=20000"]
+    with subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert len(process.stdout.read(10)) == 10
+        process.stdout.close()
+        stderr = process.stderr.read().decode()
+    assert process.returncode == 141  # 128 + SIGPIPE, what the shell reports for such a stop
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr
 
 
 def test_greedy_is_deterministic_without_a_seed_and_the_same_without_cache(tiny_run, tmp_path):
