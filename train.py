@@ -34,7 +34,7 @@ from micropgpt.files import claim_new_dir
 from micropgpt.interrupts import TrainingInterrupted
 from micropgpt.model import GPTConfig
 from micropgpt.resume import check_resumable, resolve_ckpt_path
-from micropgpt.summary import RunResult, write_result, write_summary
+from micropgpt.summary import RunResult, read_results, write_result, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,11 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         markdown = write_summary(sweep_dir)
         print(f"\nsweep summary ({sweep_dir / 'summary.csv'}):\n{markdown}")
+        results = [result for _, result in read_results(sweep_dir)]
+        if results and all(result.status == "failed" for result in results):
+            # Failed runs do not stop a sweep, but a sweep with nothing to show must not exit 0.
+            print(f"error: every run of the sweep in {sweep_dir} failed: see the table", file=sys.stderr)
+            sys.exit(1)
 
 
 class OwnRunDir(Callback):

@@ -32,8 +32,10 @@ FIXED = {
 EXCLUDED = [key.lstrip("+") for key in FIXED] + ["data.path", "data.data_dir", "hparams_search"]
 
 
-def run_sweep(sweep_dir: Path, corpus: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """`python train.py -m` in a subprocess with tiny fixed settings; fails the test on a non-zero exit."""
+def run_sweep(
+    sweep_dir: Path, corpus: Path, *overrides: str, returncode: int = 0
+) -> subprocess.CompletedProcess:
+    """`python train.py -m` in a subprocess with tiny fixed settings; fails the test on another exit."""
     cmd = [
         sys.executable,
         str(ROOT / "train.py"),
@@ -47,7 +49,7 @@ def run_sweep(sweep_dir: Path, corpus: Path, *overrides: str) -> subprocess.Comp
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, f"sweep failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == returncode, f"exit {result.returncode}:\n{result.stdout}\n{result.stderr}"
     return result
 
 
@@ -133,6 +135,15 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, corpus):
     assert "model.n_embd=25 is not divisible by model.n_head=2" in failed["error"]
     assert failed["best_val_loss"] == ""
     assert (sweep_dir / "1" / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_a_sweep_whose_every_run_failed_exits_non_zero(tmp_path, corpus):
+    sweep_dir = tmp_path / "sweep"
+    result = run_sweep(sweep_dir, corpus, "model.n_embd=25,27", "model.n_layer=1", returncode=1)
+    assert [row["status"] for row in read_summary(sweep_dir)] == ["failed", "failed"]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: every run of the sweep in {sweep_dir} failed: see the table"
+    )
 
 
 @pytest.mark.skipif(
