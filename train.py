@@ -44,11 +44,13 @@ def folder_name(text: str, max_bytes: int = 255) -> str:
 OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
 
 # Typed schema for the model group, so `model.n_embd=abc` fails at composition. Derived from
-# GPTConfig so the two cannot drift; vocab_size comes from the corpus, not the config.
+# GPTConfig so the two cannot drift; vocab_size comes from the corpus, not the config. `compile`
+# is how GPTModule runs the GPT, not part of it: checkpoints do not keep it.
 _hints = typing.get_type_hints(GPTConfig)
 ModelSchema = make_dataclass(
     "ModelSchema",
-    [(f.name, _hints[f.name], f.default) for f in fields(GPTConfig) if f.name != "vocab_size"],
+    [(f.name, _hints[f.name], f.default) for f in fields(GPTConfig) if f.name != "vocab_size"]
+    + [("compile", bool, False)],
 )
 ConfigStore.instance().store(group="model", name="schema", node=ModelSchema)
 
