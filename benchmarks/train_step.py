@@ -195,6 +195,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per block")
     parser.add_argument("--warmup", type=int, default=2, help="steps of each variant's untimed first block")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: one per core)")
     parser.add_argument("--json-out", type=Path, help="also write the JSON lines to this file")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for conf/train.yaml")
     args = parser.parse_args()
@@ -202,6 +203,8 @@ def main() -> None:
     if unknown := set(rows) - set(ROWS):
         parser.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
     warnings.filterwarnings("ignore", message=".*(num_workers|LeafSpec).*")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     out = Path(tempfile.mkdtemp(prefix="train_step_"))
     os.chdir(out)  # data.data_dir and Lightning's files land here
