@@ -132,6 +132,17 @@ def test_attention_dropout_drops_weights_and_keeps_their_expectation():
     torch.testing.assert_close(draws.mean(dim=0, keepdim=True), weights, atol=0.02, rtol=0)
 
 
+def test_training_with_dropout_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.2))
+    inputs, targets = seed_batch(block_size=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(inputs, targets)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_dropout_is_applied_in_training_only_and_at_every_site():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.5))

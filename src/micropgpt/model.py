@@ -95,6 +95,9 @@ class _CausalAttentionWithDropout(torch.autograd.Function):
     """
 
     @staticmethod
+    # Under CPU autocast (bf16-mixed) in float32: the hand-written backward then sees one dtype,
+    # whatever autocast would have chosen for each op.
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
         T, head_size = q.size(-2), q.size(-1)
         scale = 1.0 / math.sqrt(head_size)
@@ -108,6 +111,7 @@ class _CausalAttentionWithDropout(torch.autograd.Function):
         return torch.matmul(dropped, v).mul_(ctx.keep_scale)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_out: torch.Tensor):
         q, k, v, weights, keep, dropped = ctx.saved_tensors
         grad_out = grad_out * ctx.keep_scale
