@@ -206,12 +206,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    out = Path(tempfile.mkdtemp(prefix="train_step_"))
-    os.chdir(out)  # data.data_dir and Lightning's files land here
+    out = Path(tempfile.mkdtemp(prefix="train_step_"))  # Lightning's logs and checkpoints
     variants: list[Variant] = []
     for row in rows:
         overrides, autocast, compile = ROWS[row]
-        cfg = compose_config([f"data.data_dir={out}/data", *overrides, *args.overrides], out / row)
+        # The project's data dir, as for `python train.py` run from the project root.
+        cfg = compose_config([f"data.data_dir={ROOT / 'data'}", *overrides, *args.overrides], out / row)
         lightning_run = LightningRun(cfg)
         datamodule = lightning_run.datamodule
         datamodule.setup("fit")
