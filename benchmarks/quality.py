@@ -4,9 +4,10 @@
 
 Runs `python train.py experiment=cpu_2min data.val_fraction=0.1` (Tiny Shakespeare, the last
 10% of characters validate: nanoGPT's split) in a subprocess, then reads the run's last
-checkpoint: the steps trained, the training time Lightning's Timer measured (trainer.max_time
-stops training; the one validation after it is not counted), and the val loss of that final
-validation, a full pass over the validation split.
+checkpoint, written at the end of the final validation: the steps trained, the val loss of that
+validation (a full pass over the validation split), and Lightning's Timer, which counts from the
+first training batch to there. trainer.max_time stops training when the Timer passes it, so the
+final validation comes after the budget.
 """
 
 from __future__ import annotations
@@ -60,14 +61,15 @@ def main() -> None:
         "val_loss": round(val_loss, 4),
         "steps": steps,
         "tokens_seen": tokens,
-        "train_seconds": None if train_seconds is None else round(train_seconds, 1),
+        "seconds_to_end_of_validation": None if train_seconds is None else round(train_seconds, 1),
         "max_time": cfg.trainer.max_time,
         "run_dir": str(run_dir),
     }
     print(json.dumps(result))
     print(
         f"\n{args.experiment}: val loss {val_loss:.4f} after {steps:,} steps, {tokens:,} tokens seen, "
-        f"{result['train_seconds']} s of training (nanoGPT's recipe given 120 s here: {NANOGPT_120S})"
+        f"{result['seconds_to_end_of_validation']} s from the first batch to the end of the final validation "
+        f"(nanoGPT's recipe given 120 s of training here: {NANOGPT_120S})"
     )
 
 
