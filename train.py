@@ -63,11 +63,13 @@ OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
 OmegaConf.register_new_resolver("on_first_process", on_first_process, replace=True)
 
 # Typed schema for the model group, so `model.n_embd=abc` fails at composition. Derived from
-# GPTConfig so the two cannot drift; vocab_size comes from the corpus, not the config.
+# GPTConfig so the two cannot drift; vocab_size comes from the corpus, not the config. `compile`
+# is how GPTModule runs the GPT, not part of it: checkpoints do not keep it.
 _hints = typing.get_type_hints(GPTConfig)
 ModelSchema = make_dataclass(
     "ModelSchema",
-    [(f.name, _hints[f.name], f.default) for f in fields(GPTConfig) if f.name != "vocab_size"],
+    [(f.name, _hints[f.name], f.default) for f in fields(GPTConfig) if f.name != "vocab_size"]
+    + [("compile", bool, False)],
 )
 ConfigStore.instance().store(group="model", name="schema", node=ModelSchema)
 

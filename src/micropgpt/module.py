@@ -19,6 +19,16 @@ OptimizerFactory = Callable[[Iterable[dict]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 
 
+def parameter_groups(model: torch.nn.Module) -> list[dict]:
+    """Weight matrices (and embeddings) decay; biases and LayerNorm gains do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Named groups show up as lr-AdamW/decay and lr-AdamW/no_decay in TensorBoard.
+    return [
+        {"name": "decay", "params": [p for p in params if p.dim() >= 2]},
+        {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
 class GPTModule(L.LightningModule):
     """Trains `GPT(GPTConfig(vocab_size=len(vocab), **model))` with cross entropy.
 
@@ -26,6 +36,12 @@ class GPTModule(L.LightningModule):
     groups, weight matrices with weight decay and biases/LayerNorm without. Only `vocab` and
     `model` are saved as hyperparameters, as plain Python values, so a checkpoint is enough to
     rebuild the GPT and loads with `torch.load(..., weights_only=True)`.
+
+    `model["compile"]` (optional, default false) runs the training forward pass through
+    `torch.compile`. It is how the GPT is run, not what it is, so it is left out of the saved
+    hyperparameters, and the compiled function is not a submodule: the state dict keeps the plain
+    `model.*` names. Validation (a ragged last batch, no backward) and generation (one position at
+    a time, KV cache) stay eager, where a compile would cost more than it saves.
     """
 
     def __init__(
@@ -36,8 +52,10 @@ class GPTModule(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters("vocab", "model", logger=False)
-        self.model = GPT(GPTConfig(vocab_size=len(vocab), **model))
+        architecture = {key: value for key, value in model.items() if key != "compile"}
+        self.save_hyperparameters({"vocab": vocab, "model": architecture}, logger=False)
+        self.model = GPT(GPTConfig(vocab_size=len(vocab), **architecture))
+        self._compiled_forward = torch.compile(self.model.forward) if model.get("compile") else None
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.val_loss = MeanMetric()
@@ -52,7 +70,7 @@ class GPTModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
-        _, loss = self.model(inputs, targets)
+        _, loss = (self._compiled_forward or self.model)(inputs, targets)
         self.log("train/loss", loss, prog_bar=True)
         self._tokens_since_log += inputs.numel()
         return loss
@@ -109,13 +127,7 @@ class GPTModule(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        # Named groups show up as lr-AdamW/decay and lr-AdamW/no_decay in TensorBoard.
-        groups = [
-            {"name": "decay", "params": [p for p in params if p.dim() >= 2]},
-            {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        optimizer = self.optimizer_factory(groups)
+        optimizer = self.optimizer_factory(parameter_groups(self.model))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

@@ -1,0 +1,310 @@
+"""Training-step speed: a plain PyTorch loop against the project's Lightning training, side by side.
+
+    python benchmarks/train_step.py [--repeats 3] [--steps 5] [--rows fp32,dropout,bf16,compile]
+                                    [--json-out FILE] [OVERRIDE ...]
+
+(a) plain: a hand-written loop on `micropgpt.model.GPT`: nanoGPT-style random batches, forward,
+    backward, gradient clipping, AdamW step, lr scheduler step.
+(b) Lightning: `GPTModule` and `CharDataModule` under `lightning.Trainer`, all built from
+    conf/train.yaml exactly as `python train.py` builds them (progress bar, TensorBoard logger,
+    learning-rate monitor, checkpoint callback). Validation and checkpoint writing fall outside
+    the timed steps: every timed block is shorter than trainer.val_check_interval.
+Both get the optimizer, scheduler, clipping and batch shape of the composed config, so they do
+the same computation. OVERRIDEs are Hydra overrides (default: the seed model, batch 32).
+
+Every variant (row x {plain, Lightning}) first runs one untimed warm-up block (compilation
+included), then the variants take turns, A B C D ... A B C D ..., `--repeats` times: a change
+in machine load hits all alike. One block = one untimed step, then `--steps` timed steps.
+A row reports the median ms/step, tokens/s, the Lightning/plain speed ratio b/a (median of the
+per-round ratios; 1.0 = no overhead), and the model FLOPs utilisation against this machine's
+fp32 matmul peak (the best of a 4096^3 matmul, measured once per round):
+    model FLOPs per token = 6 N + 12 L H Q T   (PaLM, appendix B; nanoGPT's estimate_mfu)
+with N the parameters of every matrix multiply (all but the two embedding tables), L layers,
+H heads, Q head size, T block size. Output: one JSON line per measured row, then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from micropgpt.model import GPT, GPTConfig  # noqa: E402
+from micropgpt.module import parameter_groups  # noqa: E402
+
+# name -> (overrides, precision for the plain loop's autocast, compile)
+ROWS = {
+    "fp32": (["model.dropout=0.0"], None, False),
+    "dropout": (["model.dropout=0.2"], None, False),
+    "bf16": (["model.dropout=0.0", "trainer.precision=bf16-mixed"], torch.bfloat16, False),
+    "compile": (["model.dropout=0.0", "model.compile=true"], None, True),
+}
+ROW_TITLES = {
+    "fp32": "fp32, dropout 0",
+    "dropout": "fp32, dropout 0.2",
+    "bf16": "bf16-mixed, dropout 0",
+    "compile": "compile, dropout 0",
+}
+
+
+def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
+    importlib.import_module("train")  # registers the model schema and the resolvers conf/ uses
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[*overrides, f"hydra.runtime.output_dir={output_dir}"],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)  # what ${hydra:...} in conf/ resolves against
+    return cfg
+
+
+def cpu_name() -> str:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line), "?")
+
+
+def matmul_gflops(size: int = 4096) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    torch.mm(a, b)
+    return 2 * size**3 / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_token(model: GPT) -> float:
+    c = model.config
+    embedding_tables = model.tok_emb.weight.numel() + model.pos_emb.weight.numel()
+    matmul_params = model.num_parameters() - embedding_tables
+    return 6 * matmul_params + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+
+
+class PlainLoop:
+    """The loop a user would write by hand, with the composed config's hyperparameters."""
+
+    def __init__(self, cfg: DictConfig, train_ids: torch.Tensor, vocab_size: int, autocast, compile: bool):
+        torch.manual_seed(cfg.seed)
+        architecture = {k: v for k, v in cfg.model.items() if k != "compile"}
+        self.model = GPT(GPTConfig(vocab_size=vocab_size, **architecture)).train()
+        self.forward = torch.compile(self.model.forward) if compile else self.model
+        self.optimizer = instantiate(cfg.optimizer)(parameter_groups(self.model))
+        self.scheduler = instantiate(cfg.scheduler)(self.optimizer) if cfg.scheduler else None
+        self.clip = cfg.trainer.gradient_clip_val
+        self.autocast = autocast
+        self.train_ids, self.block_size, self.batch_size = (
+            train_ids,
+            cfg.model.block_size,
+            cfg.data.batch_size,
+        )
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def step(self) -> None:
+        starts = torch.randint(
+            len(self.train_ids) - self.block_size - 1, (self.batch_size,), generator=self.generator
+        )
+        windows = torch.stack([self.train_ids[s : s + self.block_size + 1] for s in starts.tolist()])
+        context = torch.autocast("cpu", dtype=self.autocast) if self.autocast else nullcontext()
+        with context:
+            _, loss = self.forward(windows[:, :-1], windows[:, 1:])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def block(self, steps: int) -> float:
+        """Seconds per step over `steps` steps after one untimed step."""
+        self.step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        return (time.perf_counter() - start) / steps
+
+
+class _StepEnds(L.Callback):
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_train_batch_end(self, *args) -> None:
+        self.times.append(time.perf_counter())
+
+
+class LightningRun:
+    """What `python train.py` builds; each block is one more `trainer.fit` of the same module."""
+
+    def __init__(self, cfg: DictConfig):
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        self.cfg = cfg
+        self.datamodule = instantiate(cfg.data)
+        self.module = instantiate(cfg.module, vocab=self.datamodule.vocab, _convert_="all")
+
+    def block(self, steps: int) -> float:
+        step_ends = _StepEnds()
+        callbacks = [instantiate(c) for c in self.cfg.callbacks.values()]
+        trainer = instantiate(
+            self.cfg.trainer,
+            max_steps=steps + 1,
+            logger=instantiate(self.cfg.logger),
+            callbacks=[*callbacks, step_ends],
+        )
+        if steps + 1 >= self.cfg.trainer.val_check_interval:
+            raise SystemExit(f"--steps {steps} reaches trainer.val_check_interval: validation would be timed")
+        trainer.fit(self.module, datamodule=self.datamodule)
+        return (step_ends.times[-1] - step_ends.times[0]) / steps
+
+
+@dataclass
+class Variant:
+    row: str
+    kind: str  # "plain" or "lightning"
+    run: Callable[[int], float]
+    seconds: list[float] = field(default_factory=list)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over all variants")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per block")
+    parser.add_argument("--warmup", type=int, default=2, help="steps of each variant's untimed first block")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: one per core)")
+    parser.add_argument("--json-out", type=Path, help="also write the JSON lines to this file")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for conf/train.yaml")
+    args = parser.parse_args()
+    rows = args.rows.split(",")
+    if unknown := set(rows) - set(ROWS):
+        parser.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
+    warnings.filterwarnings("ignore", message=".*(num_workers|LeafSpec).*")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    out = Path(tempfile.mkdtemp(prefix="train_step_"))  # Lightning's logs and checkpoints
+    variants: list[Variant] = []
+    for row in rows:
+        overrides, autocast, compile = ROWS[row]
+        # The project's data dir, as for `python train.py` run from the project root.
+        cfg = compose_config([f"data.data_dir={ROOT / 'data'}", *overrides, *args.overrides], out / row)
+        lightning_run = LightningRun(cfg)
+        datamodule = lightning_run.datamodule
+        datamodule.setup("fit")
+        split = datamodule.train_set
+        ids = np.memmap(split.ids_path, dtype=split.dtype, mode="r")[split.start : split.stop]
+        ids = torch.from_numpy(ids.astype(np.int64))
+        plain = PlainLoop(cfg, ids, len(datamodule.vocab), autocast, compile)
+        variants += [Variant(row, "plain", plain.block), Variant(row, "lightning", lightning_run.block)]
+    model, batch = plain.model, cfg.data.batch_size
+    tokens_per_step = batch * model.config.block_size
+
+    for variant in variants:
+        variant.run(args.warmup)
+    peaks = []
+    for _ in range(args.repeats):
+        peaks.append(matmul_gflops())
+        for variant in variants:
+            variant.seconds.append(variant.run(args.steps))
+    peak = max(peaks)
+
+    machine = (
+        f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    flops = flops_per_token(model)
+    records = []
+    for row in rows:
+        plain, lightning = (v for v in variants if v.row == row)
+        ratio = statistics.median(p / q for p, q in zip(plain.seconds, lightning.seconds, strict=True))
+        record = {"row": row, "title": ROW_TITLES[row], "ratio_b_a": round(ratio, 4)}
+        for v in (plain, lightning):
+            seconds = statistics.median(v.seconds)
+            record[v.kind] = {
+                "ms_per_step": round(seconds * 1e3, 1),
+                "tokens_per_s": round(tokens_per_step / seconds),
+                # Against the fp32 peak: a bf16 row's figure would not be a utilisation.
+                "mfu": None if row == "bf16" else round(flops * tokens_per_step / seconds / (peak * 1e9), 4),
+                "ms_per_step_each": [round(s * 1e3, 1) for s in v.seconds],
+            }
+        records.append(record)
+    by_row = {v.row + v.kind: v.seconds for v in variants}
+    dropout_cost = {
+        kind: round(
+            statistics.median(
+                d / z for d, z in zip(by_row["dropout" + kind], by_row["fp32" + kind], strict=True)
+            ),
+            4,
+        )
+        for kind in ("plain", "lightning")
+        if "dropout" + kind in by_row and "fp32" + kind in by_row
+    }
+    summary = {
+        "machine": machine,
+        "matmul_peak_gflops": round(peak, 1),
+        "model": {k: v for k, v in vars(model.config).items()},
+        "batch_size": batch,
+        "params": model.num_parameters(),
+        "flops_per_token": flops,
+        "repeats": args.repeats,
+        "steps": args.steps,
+        "dropout_0.2_over_0": dropout_cost,
+    }
+    lines = [json.dumps(summary), *(json.dumps(r) for r in records)]
+    print("\n".join(lines))
+    if args.json_out:
+        args.json_out.write_text("\n".join(lines) + "\n")
+
+    c = model.config
+    print(
+        f"\n{machine}\nfp32 matmul peak {peak:.0f} GFLOP/s (best 4096^3 matmul of {args.repeats}); "
+        f"model {c.n_layer} layers x {c.n_head} heads x n_embd {c.n_embd}, block {c.block_size}, "
+        f"batch {batch}: {model.num_parameters() / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOP/token; "
+        f"median of {args.repeats} rounds x {args.steps} steps\n"
+    )
+    columns = ["plain ms/step", "plain tokens/s", "Lightning ms/step", "Lightning tokens/s", "b/a"]
+    columns += ["MFU plain", "MFU Lightning"]
+    print(f"| {'':22} | " + " | ".join(columns) + " |")
+    print(f"|{'-' * 24}|" + "|".join("-" * (len(c) + 2) for c in columns) + "|")
+    for r in records:
+        a, b = r["plain"], r["lightning"]
+        cells = [f"{a['ms_per_step']:.1f}", f"{a['tokens_per_s']:,}", f"{b['ms_per_step']:.1f}"]
+        mfu = [f"{x['mfu']:.1%}" if x["mfu"] is not None else "n/a" for x in (a, b)]
+        cells += [f"{b['tokens_per_s']:,}", f"{r['ratio_b_a']:.3f}", *mfu]
+        print(
+            f"| {r['title']:22} | "
+            + " | ".join(f"{x:>{len(c)}}" for x, c in zip(cells, columns, strict=True))
+            + " |"
+        )
+    if dropout_cost:
+        print(
+            "\ndropout 0.2 step / dropout 0 step: "
+            + ", ".join(f"{'Lightning' if k == 'lightning' else k} {v:.3f}x" for k, v in dropout_cost.items())
+        )
+
+
+if __name__ == "__main__":
+    main()

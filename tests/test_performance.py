@@ -1,0 +1,228 @@
+"""The fast CPU training path computes what a straightforward GPT computes: the same loss without
+dropout, dropout at the same places with the same keep rate and expectation, exact gradients.
+And the speed options as users run them: model.compile=true, experiment=cpu_2min."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TINY, run_train
+from omegaconf import OmegaConf
+from torch.nn import functional as F
+
+from micropgpt.checkpoint import load_checkpoint
+from micropgpt.model import GPT, Dropout, GPTConfig, _CausalAttentionWithDropout, keep_mask
+
+VOCAB = 65
+
+
+def reference_loss(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The GPT written out the textbook way (explicit softmax attention), on `model`'s weights."""
+    config = model.config
+    B, T = inputs.shape
+    C, H = config.n_embd, config.n_head
+    x = model.tok_emb.weight[inputs] + model.pos_emb.weight[:T]
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    for block in model.blocks:
+        h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias)
+        q, k, v = (h @ block.attn.qkv.weight.T + block.attn.qkv.bias).split(C, dim=2)
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(C // H)
+        weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+        y = (weights @ v).transpose(1, 2).reshape(B, T, C)
+        x = x + y @ block.attn.proj.weight.T + block.attn.proj.bias
+        h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias)
+        h = F.gelu(h @ block.mlp.fc.weight.T + block.mlp.fc.bias)
+        x = x + h @ block.mlp.proj.weight.T + block.mlp.proj.bias
+    x = F.layer_norm(x, (C,), model.ln_f.weight, model.ln_f.bias)
+    logits = x @ model.lm_head.weight.T
+    return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+
+
+def seed_batch(block_size: int = 64, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (batch_size, block_size + 1), generator=torch.Generator().manual_seed(7))
+    return ids[:, :-1], ids[:, 1:]
+
+
+def test_training_loss_without_dropout_equals_the_reference():
+    torch.manual_seed(1337)
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=4, n_embd=64, dropout=0.0))
+    inputs, targets = seed_batch(block_size=32)
+    model.train()
+    _, loss = model(inputs, targets)
+    expected = reference_loss(model, inputs, targets)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    # The same holds for the gradients that training follows.
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    reference_loss(model, inputs, targets).backward()
+    for grad, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_keep_mask_keeps_each_element_with_probability_one_minus_p():
+    torch.manual_seed(0)
+    for keep_prob in (0.8, 0.5, 0.1):
+        mask = keep_mask(torch.Size((1000, 1000)), keep_prob, torch.device("cpu"))
+        assert mask.dtype == torch.bool and mask.shape == (1000, 1000)
+        # Binomial standard deviation over 10^6 draws is at most 5e-4; 5 of them.
+        assert mask.float().mean().item() == pytest.approx(keep_prob, abs=2.5e-3)
+        # Both halves of every 64-bit random word are used: even and odd positions alike.
+        flat = mask.flatten().float()
+        assert flat[0::2].mean().item() == pytest.approx(keep_prob, abs=3.5e-3)
+        assert flat[1::2].mean().item() == pytest.approx(keep_prob, abs=3.5e-3)
+    assert not torch.equal(keep_mask(torch.Size((64,)), 0.5, torch.device("cpu")), mask.flatten()[:64])
+
+
+def test_dropout_zeroes_at_rate_p_and_keeps_the_expectation():
+    torch.manual_seed(0)
+    x = torch.rand(2000, 500) + 0.5
+    y = Dropout(0.2).train()(x)
+    dropped = y == 0
+    assert dropped.float().mean().item() == pytest.approx(0.2, abs=2.5e-3)
+    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.8)
+    assert y.mean().item() == pytest.approx(x.mean().item(), rel=2e-3)
+    assert torch.equal(Dropout(0.2).eval()(x), x)
+
+
+def test_attention_with_dropout_has_the_gradients_of_the_same_computation_in_autograd():
+    """Forward and the hand-written backward against autograd through the textbook formula,
+    with the same keep mask (the same seed draws it)."""
+    q, k, v = (torch.randn(2, 3, 10, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    p = 0.3
+
+    def reference(q, k, v):
+        torch.manual_seed(5)
+        weights = (q @ k.transpose(-2, -1) / math.sqrt(8)).masked_fill(
+            torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf")
+        )
+        weights = weights.softmax(dim=-1)
+        keep = keep_mask(weights.shape, 1 - p, weights.device)
+        return (weights * keep / (1 - p)) @ v
+
+    def ours(q, k, v):
+        torch.manual_seed(5)
+        return _CausalAttentionWithDropout.apply(q, k, v, p)
+
+    out = ours(q, k, v)
+    torch.testing.assert_close(out, reference(q, k, v))
+    grad_out = torch.randn_like(out)
+    ours_grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    reference_grads = torch.autograd.grad(reference(q, k, v), (q, k, v), grad_out)
+    for got, expected in zip(ours_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_attention_dropout_drops_weights_and_keeps_their_expectation():
+    """Averaged over many masks, attention with dropout gives attention without it."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4)
+    v = torch.eye(6).view(1, 1, 6, 6)  # the output rows are then the attention weights themselves
+    weights = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # 4,000 independent draws of the mask: the same inputs, repeated along the batch dimension.
+    draws = _CausalAttentionWithDropout.apply(*(t.expand(4000, 1, 6, -1) for t in (q, k, v)), 0.2)
+    # Each weight is kept (scaled by 1/0.8) or zeroed, never anything else.
+    assert torch.all((draws == 0) | torch.isclose(draws, weights / 0.8))
+    assert (draws[..., 1:] == 0).float().mean() > 0.1  # some weights really are dropped
+    torch.testing.assert_close(draws.mean(dim=0, keepdim=True), weights, atol=0.02, rtol=0)
+
+
+def test_training_with_dropout_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.2))
+    inputs, targets = seed_batch(block_size=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(inputs, targets)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_dropout_is_applied_in_training_only_and_at_every_site():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.5))
+    inputs, targets = seed_batch(block_size=32)
+    zero_fractions = {}
+
+    def record(name):
+        def hook(module, args, output):
+            zero_fractions[name] = (output == 0).float().mean().item()
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, Dropout):
+            module.register_forward_hook(record(name))
+    model.train()
+    _, train_loss = model(inputs, targets)
+    _, train_loss_again = model(inputs, targets)
+    # Embedding, and per block the attention output and the MLP output (the attention weights'
+    # dropout is inside the attention, checked above).
+    assert set(zero_fractions) == {
+        "drop",
+        *(f"blocks.{i}.{s}" for i in range(2) for s in ("attn.resid_dropout", "mlp.dropout")),
+    }
+    assert all(f == pytest.approx(0.5, abs=0.03) for f in zero_fractions.values()), zero_fractions
+    assert train_loss.item() != train_loss_again.item()
+    model.eval()
+    with torch.no_grad():
+        _, eval_loss = model(inputs, targets)
+        _, eval_loss_again = model(inputs, targets)
+    assert eval_loss.item() == eval_loss_again.item()
+    assert all(f < 0.01 for f in zero_fractions.values()), zero_fractions
+
+
+def test_compiled_run_checkpoint_loads_uncompiled_and_samples(tmp_path, corpus):
+    run_dir = tmp_path / "compiled"
+    run_train(
+        run_dir,
+        *TINY,
+        "model.compile=true",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "+trainer.limit_val_batches=2",
+        f"data.path={corpus}",
+    )
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 4
+    # Architecture only: the run's compile flag is not part of the model users rebuild.
+    assert "compile" not in checkpoint["hyper_parameters"]["model"]
+    keys = list(checkpoint["state_dict"])
+    assert "model.lm_head.weight" in keys and not any("_orig_mod" in key for key in keys)
+    model, _ = load_checkpoint(run_dir, "cpu")
+    assert type(model) is GPT  # a plain module: not torch.compile's wrapper
+    sample = subprocess.run(
+        [sys.executable, str(ROOT / "generate.py"), f"ckpt={run_dir}", "max_new_tokens=30", "stream=false"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert len(sample.stdout.strip()) >= 20
+
+
+def test_cpu_2min_recipe_composes_and_trains(tmp_path, corpus):
+    run_dir = tmp_path / "cpu_2min"
+    run_train(
+        run_dir,
+        "experiment=cpu_2min",
+        "trainer.max_steps=3",
+        "+trainer.limit_val_batches=2",
+        "trainer.enable_progress_bar=false",
+        "callbacks.text_samples.num_chars=20",
+        f"data.path={corpus}",
+    )
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert cfg.trainer.max_time == "00:00:02:00"
+    assert cfg.data.val_fraction == 0.1
+    assert cfg.trainer.val_check_interval == 3  # validates once, at the end of the run
+    assert cfg.model.dropout == 0.0
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3
+    assert checkpoint["hyper_parameters"]["model"]["n_embd"] == cfg.model.n_embd
