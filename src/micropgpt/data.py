@@ -335,10 +335,13 @@ class CharDataModule(L.LightningDataModule):
         self.train_set = RandomWindows(self.ids_path, dtype, 0, split, self.block_size)
         self.val_set = ConsecutiveWindows(self.ids_path, dtype, split, total, self.block_size)
 
-    def train_dataloader(self) -> DataLoader:
+    @staticmethod
+    def _run_seed() -> int:
         # seed_everything's seed, as Lightning's own samplers take it.
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        sampler = RandomWindowSampler(self.train_set, seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = RandomWindowSampler(self.train_set, self._run_seed())
         epoch, batches = self.resume_at
         sampler.resume(epoch, batches * self.batch_size)
         return DataLoader(
@@ -363,7 +366,7 @@ class CharDataModule(L.LightningDataModule):
         # Without one, every new DataLoader iterator (each validation) draws its workers' base
         # seed from the global RNG, and a resumed run, which validates at other moments, would
         # then draw other dropout masks than the uninterrupted one.
-        return torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        return torch.Generator().manual_seed(self._run_seed())
 
     def state_dict(self) -> dict[str, int]:
         # Lightning's count of the batches trained on in this epoch (processed: the optimizer step
