@@ -1,4 +1,5 @@
-"""The pure-PyTorch GPT: output shapes, causality, learning, and its configuration errors."""
+"""The pure-PyTorch GPT: output shapes, causality, learning, the few-row Linear kernel, and its
+configuration errors."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
-from micropgpt.model import GPT, GPTConfig
+from micropgpt.model import GPT, GPTConfig, Linear
 
 VOCAB = 11
 
@@ -77,3 +79,15 @@ def test_generate_extends_the_prompt_with_valid_ids():
     assert out.shape == (2, 23)
     assert torch.equal(out[:, :3], prompt)
     assert out.min() >= 0 and out.max() < VOCAB
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("leading_shape", [(1, 1), (3, 1), (2, 4), (9,)])
+def test_linear_few_rows_path_computes_what_nn_linear_does(bias, leading_shape):
+    torch.manual_seed(0)
+    layer = Linear(24, 10, bias=bias)
+    x = torch.randn(*leading_shape, 24)
+    with torch.no_grad():  # outside autograd: a few rows take the bmm kernel
+        y = layer(x)
+    assert y.shape == (*leading_shape, 10)
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias))
