@@ -100,7 +100,7 @@ def matmul_gflops(size: int = 4096) -> float:
 
 def flops_per_token(model: GPT) -> float:
     c = model.config
-    embedding_tables = model.tok_emb.weight.numel() + model.pos_emb.weight.numel()
+    embedding_tables = sum(t.weight.numel() for t in (model.tok_emb, model.pos_emb) if t is not None)
     matmul_params = model.num_parameters() - embedding_tables
     return 6 * matmul_params + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 

@@ -15,14 +15,14 @@ VOCAB = 13
 BLOCK = 16
 
 
-def random_gpt(dtype: torch.dtype = torch.float64) -> GPT:
+def random_gpt(dtype: torch.dtype = torch.float64, **options) -> GPT:
     """Random weights, sharpened so the next-character distribution is far from uniform.
 
     float64 keeps the cached and the full computation equal to well below any logit gap, so
     greedy choices compare exactly.
     """
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    config = GPTConfig(VOCAB, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32, dropout=0.0, **options)
     model = GPT(config).to(dtype).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(50)
@@ -45,8 +45,11 @@ def test_greedy_with_cache_equals_without_while_sequence_fits(prompt_length):
     assert len(set(cached[0, prompt_length:].tolist())) > 1
 
 
-def test_cached_logits_match_full_forward_in_float32():
-    model = random_gpt(torch.float32)
+@pytest.mark.parametrize(
+    "options", [{}, {"position": "rope"}, {"activation": "relu2"}], ids=["seed", "rope", "relu2"]
+)
+def test_cached_logits_match_full_forward_in_float32(options):
+    model = random_gpt(torch.float32, **options)
     idx = prompt_of(3)
     with forward_calls(model) as logits_seen:
         ids = model.generate(idx, BLOCK - 3, temperature=0, kv_cache=True)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from micropgpt.model import GPT, GPTConfig, Linear
+from micropgpt.errors import UserError
+from micropgpt.model import GPT, GPTConfig, Linear, Rotary
 
 VOCAB = 11
 
@@ -91,3 +92,27 @@ def test_linear_few_rows_path_computes_what_nn_linear_does(bias, leading_shape):
         y = layer(x)
     assert y.shape == (*leading_shape, 10)
     torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias))
+
+
+def test_rope_attention_scores_depend_only_on_relative_position():
+    rotary = Rotary(head_size=8, block_size=32)
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    at_start = rotary(q, 0) @ rotary(k, 0).transpose(-2, -1)
+    shifted = rotary(q, 7) @ rotary(k, 7).transpose(-2, -1)
+    torch.testing.assert_close(shifted, at_start)
+    assert not torch.allclose(rotary(q, 0), q)  # positions > 0 are rotated
+    assert tiny_gpt(position="rope").pos_emb is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"position": "sinusoidal"}, "model.position=sinusoidal is not one of: learned, rope"),
+        ({"activation": "swish"}, "model.activation=swish is not one of: gelu, relu2"),
+        ({"position": "rope", "n_embd": 30, "n_head": 2}, "head size n_embd / n_head = 15 must be even"),
+    ],
+)
+def test_unknown_architecture_options_are_clear_errors(override, message):
+    with pytest.raises(UserError, match=message):
+        tiny_gpt(**override)
