@@ -41,7 +41,7 @@ def test_run_keeps_best_and_last_checkpoints_and_val_loss_decreases(tiny_run):
 
 def test_tensorboard_has_scalars_text_samples_and_hparams(tiny_run):
     accumulator = events(tiny_run)
-    for tag in ("train/loss", "val/bpc", "train/tokens_per_sec", "lr-AdamW/decay"):
+    for tag in ("train/loss", "val/bpc", "train/tokens_per_sec", "lr-AdamW/matrices"):
         assert steps(accumulator, tag), tag
     samples = accumulator.Tensors("samples/text_summary")
     assert [sample.step for sample in samples] == [20, 40, 60]

@@ -14,17 +14,26 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric, MinMetric
 
 from micropgpt.model import GPT, GPTConfig
+from micropgpt.optim import MUON_GROUP
 
 OptimizerFactory = Callable[[Iterable[dict]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 
 
-def parameter_groups(model: torch.nn.Module) -> list[dict]:
-    """Weight matrices (and embeddings) decay; biases and LayerNorm gains do not."""
+def parameter_groups(model: GPT) -> list[dict]:
+    """Three named groups: the blocks' weight matrices, the embedding tables and output head (both
+    with weight decay), and biases and LayerNorm gains (without).
+
+    AdamW treats the first two alike; `optimizer=muon` gives the matrices to Muon (micropgpt.optim).
+    The names show up in TensorBoard as lr-AdamW/matrices, lr-AdamW/embeddings, lr-AdamW/no_decay.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    # Named groups show up as lr-AdamW/decay and lr-AdamW/no_decay in TensorBoard.
+    tables = {id(model.tok_emb.weight), id(model.lm_head.weight)}
+    if model.pos_emb is not None:
+        tables.add(id(model.pos_emb.weight))
     return [
-        {"name": "decay", "params": [p for p in params if p.dim() >= 2]},
+        {"name": MUON_GROUP, "params": [p for p in params if p.dim() >= 2 and id(p) not in tables]},
+        {"name": "embeddings", "params": [p for p in params if id(p) in tables]},
         {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
 
@@ -32,8 +41,8 @@ def parameter_groups(model: torch.nn.Module) -> list[dict]:
 class GPTModule(L.LightningModule):
     """Trains `GPT(GPTConfig(vocab_size=len(vocab), **model))` with cross entropy.
 
-    `optimizer` and `scheduler` are factories (Hydra partials): the optimizer gets two parameter
-    groups, weight matrices with weight decay and biases/LayerNorm without. Only `vocab` and
+    `optimizer` and `scheduler` are factories (Hydra partials): the optimizer gets the parameter
+    groups of `parameter_groups`. Only `vocab` and
     `model` are saved as hyperparameters, as plain Python values, so a checkpoint is enough to
     rebuild the GPT and loads with `torch.load(..., weights_only=True)`.
 

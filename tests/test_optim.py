@@ -1,0 +1,93 @@
+"""MuonWithAdamW: which parameters each inner optimizer updates, the LR schedule reaching both, and
+its checkpointed state."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from micropgpt.errors import UserError
+from micropgpt.model import GPT, GPTConfig
+from micropgpt.module import parameter_groups
+from micropgpt.optim import MuonWithAdamW
+
+HYPERPARAMETERS = {"lr": 1e-2, "weight_decay": 0.1, "momentum": 0.95, "betas": (0.9, 0.99)}
+
+
+def tiny_gpt(position: str = "learned") -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(11, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0, position=position))
+
+
+def train_steps(model: GPT, optimizer: torch.optim.Optimizer, steps: int, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, 11, (4, 9), generator=generator)
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_matrices_get_muon_and_everything_else_adamw(position):
+    combined_model, reference_model = tiny_gpt(position), tiny_gpt(position)
+    combined = MuonWithAdamW(parameter_groups(combined_model), **HYPERPARAMETERS)
+    matrices, *others = parameter_groups(reference_model)
+    muon = torch.optim.Muon(
+        matrices["params"], lr=1e-2, weight_decay=0.1, momentum=0.95, adjust_lr_fn="match_rms_adamw"
+    )
+    adamw = torch.optim.AdamW(others, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99))
+
+    train_steps(combined_model, combined, 3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        idx = torch.randint(0, 11, (4, 9), generator=generator)
+        _, loss = reference_model(idx[:, :-1], idx[:, 1:])
+        muon.zero_grad()
+        adamw.zero_grad()
+        loss.backward()
+        muon.step()
+        adamw.step()
+
+    # Muon took the blocks' matrices only: embedding tables and head are not orthogonalised.
+    assert {id(p) for p in matrices["params"]}.isdisjoint(
+        {id(reference_model.tok_emb.weight), id(reference_model.lm_head.weight)}
+    )
+    pairs = zip(combined_model.named_parameters(), reference_model.parameters(), strict=True)
+    for (name, got), expected in pairs:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
+
+
+def test_lr_schedule_reaches_both_inner_optimizers():
+    optimizer = MuonWithAdamW(parameter_groups(tiny_gpt()), **HYPERPARAMETERS)
+    scheduler = LambdaLR(optimizer, lambda step: 0.5 ** (step + 1))
+    optimizer.step()
+    scheduler.step()
+    assert [group["lr"] for group in optimizer.muon.param_groups] == [0.0025]
+    assert [group["lr"] for group in optimizer.adamw.param_groups] == [0.0025, 0.0025]
+
+
+def test_state_dict_resumes_exactly():
+    model = tiny_gpt()
+    optimizer = MuonWithAdamW(parameter_groups(model), **HYPERPARAMETERS)
+    train_steps(model, optimizer, 2)
+    resumed_model = copy.deepcopy(model)
+    resumed = MuonWithAdamW(parameter_groups(resumed_model), **HYPERPARAMETERS)
+    resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+
+    train_steps(model, optimizer, 2, seed=1)
+    train_steps(resumed_model, resumed, 2, seed=1)
+    for got, expected in zip(resumed_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_adamw_state_is_refused_with_a_clear_error():
+    model = tiny_gpt()
+    adamw_state = torch.optim.AdamW(parameter_groups(model)).state_dict()
+    optimizer = MuonWithAdamW(parameter_groups(model), **HYPERPARAMETERS)
+    with pytest.raises(UserError, match="optimizer=adamw"):
+        optimizer.load_state_dict(adamw_state)
