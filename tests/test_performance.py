@@ -207,17 +207,16 @@ def test_compiled_run_checkpoint_loads_uncompiled_and_samples(tmp_path, corpus):
     assert len(sample.stdout.strip()) >= 20
 
 
-def test_cpu_2min_recipe_composes_and_trains(tmp_path, corpus):
+def test_cpu_2min_recipe_composes_trains_and_resumes(tmp_path, corpus):
     run_dir = tmp_path / "cpu_2min"
-    run_train(
-        run_dir,
+    common = (
         "experiment=cpu_2min",
-        "trainer.max_steps=3",
         "+trainer.limit_val_batches=2",
         "trainer.enable_progress_bar=false",
         "callbacks.text_samples.num_chars=20",
         f"data.path={corpus}",
     )
+    run_train(run_dir, *common, "trainer.max_steps=3")
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert cfg.trainer.max_time == "00:00:02:00"
     assert cfg.data.val_fraction == 0.1
@@ -226,3 +225,10 @@ def test_cpu_2min_recipe_composes_and_trains(tmp_path, corpus):
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3
     assert checkpoint["hyper_parameters"]["model"]["n_embd"] == cfg.model.n_embd
+    (optimizer_state,) = checkpoint["optimizer_states"]
+    assert set(optimizer_state) == {"muon", "adamw"}  # optimizer=muon: MuonWithAdamW's state
+
+    run_train(run_dir, *common, "trainer.max_steps=6", "ckpt_path=last")
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 6
+    assert resumed["optimizer_states"][0]["muon"]["state"]  # Muon's momentum buffers carried on
