@@ -1,6 +1,6 @@
 """Training-step speed: a plain PyTorch loop against the project's Lightning training, side by side.
 
-    python benchmarks/train_step.py [--repeats 3] [--steps 5] [--rows fp32,dropout,bf16,compile]
+    python benchmarks/train_step.py [--repeats 5] [--steps 5] [--rows fp32,dropout,bf16,compile]
                                     [--json-out FILE] [OVERRIDE ...]
 
 (a) plain: a hand-written loop on `micropgpt.model.GPT`: nanoGPT-style random batches, forward,
@@ -14,10 +14,13 @@ the same computation. OVERRIDEs are Hydra overrides (default: the seed model, ba
 
 Every variant (row x {plain, Lightning}) first runs one untimed warm-up block (compilation
 included), then the variants take turns, A B C D ... A B C D ..., `--repeats` times: a change
-in machine load hits all alike. One block = one untimed step, then `--steps` timed steps.
+in machine load hits all alike. One block = one untimed step, then `--steps` timed steps, of which
+the block reports the median: a one-off stall (another process, a page-fault storm) does not
+decide a round. A Lightning step is timed from one `on_train_batch_end` to the next, so it
+includes everything Lightning does between two steps (data, hooks, logging, progress bar).
 A row reports the median ms/step, tokens/s, the Lightning/plain speed ratio b/a (median of the
 per-round ratios; 1.0 = no overhead), and the model FLOPs utilisation against this machine's
-fp32 matmul peak (the best of a 4096^3 matmul, measured once per round):
+fp32 matmul peak (the best 4096^3 matmul, three measured per round):
     model FLOPs per token = 6 N + 12 L H Q T   (PaLM, appendix B; nanoGPT's estimate_mfu)
 with N the parameters of every matrix multiply (all but the two embedding tables), L layers,
 H heads, Q head size, T block size. Output: one JSON line per measured row, then a table.
@@ -90,12 +93,16 @@ def cpu_name() -> str:
     return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line), "?")
 
 
-def matmul_gflops(size: int = 4096) -> float:
+def matmul_gflops(size: int = 4096, tries: int = 3) -> float:
+    """The best of `tries` size^3 fp32 matmuls, after one warm-up."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)
-    start = time.perf_counter()
-    torch.mm(a, b)
-    return 2 * size**3 / (time.perf_counter() - start) / 1e9
+    best = float("inf")
+    for _ in range(tries):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
 
 
 def flops_per_token(model: GPT) -> float:
@@ -141,12 +148,13 @@ class PlainLoop:
             self.scheduler.step()
 
     def block(self, steps: int) -> float:
-        """Seconds per step over `steps` steps after one untimed step."""
+        """The median seconds of `steps` steps after one untimed step."""
         self.step()
-        start = time.perf_counter()
+        ends = [time.perf_counter()]
         for _ in range(steps):
             self.step()
-        return (time.perf_counter() - start) / steps
+            ends.append(time.perf_counter())
+        return statistics.median(np.diff(ends))
 
 
 class _StepEnds(L.Callback):
@@ -178,7 +186,7 @@ class LightningRun:
         if steps + 1 >= self.cfg.trainer.val_check_interval:
             raise SystemExit(f"--steps {steps} reaches trainer.val_check_interval: validation would be timed")
         trainer.fit(self.module, datamodule=self.datamodule)
-        return (step_ends.times[-1] - step_ends.times[0]) / steps
+        return statistics.median(np.diff(step_ends.times))
 
 
 @dataclass
@@ -191,7 +199,7 @@ class Variant:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="rounds over all variants")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds over all variants")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per block")
     parser.add_argument("--warmup", type=int, default=2, help="steps of each variant's untimed first block")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
@@ -280,7 +288,7 @@ def main() -> None:
 
     c = model.config
     print(
-        f"\n{machine}\nfp32 matmul peak {peak:.0f} GFLOP/s (best 4096^3 matmul of {args.repeats}); "
+        f"\n{machine}\nfp32 matmul peak {peak:.0f} GFLOP/s (best 4096^3 matmul of {3 * args.repeats}); "
         f"model {c.n_layer} layers x {c.n_head} heads x n_embd {c.n_embd}, block {c.block_size}, "
         f"batch {batch}: {model.num_parameters() / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOP/token; "
         f"median of {args.repeats} rounds x {args.steps} steps\n"
