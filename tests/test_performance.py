@@ -232,3 +232,8 @@ def test_cpu_2min_recipe_composes_trains_and_resumes(tmp_path, corpus):
     resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 6
     assert resumed["optimizer_states"][0]["muon"]["state"]  # Muon's momentum buffers carried on
+
+    model, tokenizer = load_checkpoint(run_dir, "cpu")  # a RoPE / ReLU² model samples
+    assert model.config.position == "rope" and model.pos_emb is None
+    ids = model.generate(torch.tensor([tokenizer.encode("ROMEO:")]), 2 * model.config.block_size)
+    assert len(tokenizer.decode(ids[0].tolist())) == 6 + 2 * model.config.block_size
