@@ -1,6 +1,6 @@
 """Training-step speed: a plain PyTorch loop against the project's Lightning training, side by side.
 
-    python benchmarks/train_step.py [--repeats 5] [--steps 5] [--rows fp32,dropout,bf16,compile]
+    python benchmarks/train_step.py [--repeats 9] [--steps 5] [--rows fp32,dropout,bf16,compile]
                                     [--json-out FILE] [OVERRIDE ...]
 
 (a) plain: a hand-written loop on `micropgpt.model.GPT`: nanoGPT-style random batches, forward,
@@ -199,7 +199,7 @@ class Variant:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="rounds over all variants")
+    parser.add_argument("--repeats", type=int, default=9, help="rounds over all variants")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per block")
     parser.add_argument("--warmup", type=int, default=2, help="steps of each variant's untimed first block")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
