@@ -1,0 +1,170 @@
+"""Recipe search for a CPU time budget: how low the val loss gets in the steps each recipe affords.
+
+    python benchmarks/recipe_search.py time  [--budget 110] [--grid FILE] > timed.jsonl      # on the CPU
+    python benchmarks/recipe_search.py train timed.jsonl [--device cuda] [--workers 15] > results.jsonl
+
+In a budget of seconds, a recipe gets as many optimizer steps as its step time allows, and what
+it learns in those steps does not depend on the hardware. So `time` measures each candidate's
+training step on this machine (plain loop, the candidate's optimizer included) and writes how many
+steps fit in `--budget` seconds; `train` then trains every candidate for exactly that many steps,
+anywhere (a GPU runs many at once, one process per worker), and prints its val loss over the last
+10% of the corpus (consecutive block_size windows, as `train.py` validates). Each line is JSON;
+`train` prints the best ten at the end. Candidates are the default grid below or `--grid` lines
+such as {"n_layer": 4, "n_head": 3, "n_embd": 96, "block_size": 128, "batch_size": 16,
+"position": "rope", "activation": "relu2", "optimizer": "muon", "lr": 0.004}.
+Every run: dropout 0, weight decay 0.1, betas (0.9, 0.99), clipping 1.0, 100 warmup steps, cosine
+to 5% of lr; seed 1337.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from micropgpt.lr_schedule import WarmupCosine
+from micropgpt.model import GPT, GPTConfig
+from micropgpt.module import parameter_groups
+from micropgpt.optim import MuonWithAdamW
+from micropgpt.tokenizer import CharTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "position", "activation")
+
+
+def default_grid() -> list[dict]:
+    """The grid behind experiment=cpu_2min (README, Performance)."""
+    models = [(4, 4, 128), (6, 4, 128), (4, 6, 192), (4, 3, 96)]
+    windows = [(64, 32), (128, 16), (64, 16), (128, 32)]  # (block_size, batch_size)
+    architectures = [("learned", "gelu"), ("rope", "relu2")]
+    optimizers = [("adamw", 2e-3), ("adamw", 4e-3), ("adamw", 8e-3), ("muon", 4e-3), ("muon", 8e-3)]
+    candidates = []
+    for choice in itertools.product(optimizers, models, windows, architectures):
+        (optimizer, lr), (n_layer, n_head, n_embd), (block_size, batch_size), (position, activation) = choice
+        architecture = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size)
+        options = dict(position=position, activation=activation, optimizer=optimizer, lr=lr)
+        candidates.append({**architecture, "batch_size": batch_size, **options})
+    return candidates
+
+
+def build(candidate: dict, vocab_size: int, steps: int, device: str):
+    torch.manual_seed(1337)
+    architecture = {key: candidate[key] for key in ARCHITECTURE}
+    model = GPT(GPTConfig(vocab_size=vocab_size, dropout=0.0, **architecture)).to(device)
+    settings = {"lr": candidate["lr"], "weight_decay": 0.1, "betas": (0.9, 0.99)}
+    if candidate["optimizer"] == "muon":
+        optimizer = MuonWithAdamW(parameter_groups(model), **settings)
+    else:
+        optimizer = torch.optim.AdamW(parameter_groups(model), **settings)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(100, steps, 0.05))
+    return model, optimizer, schedule
+
+
+def train_step(model, optimizer, schedule, ids: torch.Tensor, candidate: dict, generator) -> torch.Tensor:
+    block, batch = candidate["block_size"], candidate["batch_size"]
+    starts = torch.randint(len(ids) - block - 1, (batch,), device=ids.device, generator=generator)
+    windows = ids[starts[:, None] + torch.arange(block + 1, device=ids.device)]
+    _, loss = model(windows[:, :-1], windows[:, 1:])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    return loss
+
+
+def corpus_ids(corpus: Path, device: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    text = corpus.read_text(encoding="utf-8")
+    tokenizer = CharTokenizer.from_text(text)
+    ids = torch.tensor(tokenizer.encode(text), device=device)
+    split = int(len(ids) * 0.9)  # nanoGPT's split, train.py's data.val_fraction=0.1
+    return ids[:split], ids[split:], len(tokenizer)
+
+
+def time_candidates(args: argparse.Namespace) -> None:
+    train_ids, _, vocab_size = corpus_ids(args.corpus, "cpu")
+    grid = [json.loads(line) for line in args.grid.open()] if args.grid else default_grid()
+    for candidate in grid:
+        model, optimizer, schedule = build(candidate, vocab_size, 1000, "cpu")
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(2):  # warm-up
+            train_step(model, optimizer, schedule, train_ids, candidate, generator)
+        start = time.perf_counter()
+        for _ in range(args.timed_steps):
+            train_step(model, optimizer, schedule, train_ids, candidate, generator)
+        seconds = (time.perf_counter() - start) / args.timed_steps
+        steps = int(args.budget / seconds)
+        print(json.dumps({**candidate, "ms_per_step": round(seconds * 1e3, 1), "steps": steps}), flush=True)
+
+
+def validation_loss(model: GPT, val_ids: torch.Tensor, block: int) -> float:
+    windows = val_ids[: (len(val_ids) - 1) // block * block + 1]
+    inputs = windows[:-1].view(-1, block)
+    targets = windows[1:].view(-1, block)
+    total = 0.0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(inputs), 256):
+            logits, _ = model(inputs[i : i + 256])
+            total += F.cross_entropy(
+                logits.flatten(0, 1), targets[i : i + 256].flatten(), reduction="sum"
+            ).item()
+    return total / targets.numel()
+
+
+def train_candidate(job: tuple[dict, str, str]) -> dict:
+    candidate, corpus, device = job
+    train_ids, val_ids, vocab_size = corpus_ids(Path(corpus), device)
+    model, optimizer, schedule = build(candidate, vocab_size, candidate["steps"], device)
+    generator = torch.Generator(device).manual_seed(1337)
+    start = time.perf_counter()
+    for _ in range(candidate["steps"]):
+        loss = train_step(model, optimizer, schedule, train_ids, candidate, generator)
+    val_loss = validation_loss(model, val_ids, candidate["block_size"])
+    return {**candidate, "val_loss": round(val_loss, 4), "train_loss": round(loss.item(), 4),
+            "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+
+
+def train_candidates(args: argparse.Namespace) -> None:
+    jobs = [(json.loads(line), str(args.corpus), args.device) for line in args.timed.open()]
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32, as on the CPU
+    results = []
+    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+        for result in pool.imap_unordered(train_candidate, jobs):
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    print("best:", file=sys.stderr)
+    ranked = sorted(
+        results, key=lambda result: result["val_loss"] if math.isfinite(result["val_loss"]) else math.inf
+    )
+    for result in ranked[:10]:
+        print(json.dumps(result), file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", type=Path, default=ROOT / "data" / "tinyshakespeare" / "input.txt")
+    commands = parser.add_subparsers(dest="command", required=True)
+    timing = commands.add_parser("time", help="step time and steps in the budget, per candidate")
+    timing.add_argument("--budget", type=float, default=110.0, help="seconds of training")
+    timing.add_argument("--grid", type=Path, help="JSON lines of candidates (default: the built-in grid)")
+    timing.add_argument("--timed-steps", type=int, default=8)
+    training = commands.add_parser("train", help="train each timed candidate for its steps")
+    training.add_argument("timed", type=Path, help="the output of `time`")
+    training.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    training.add_argument("--workers", type=int, default=1, help="candidates trained at once")
+    args = parser.parse_args()
+    time_candidates(args) if args.command == "time" else train_candidates(args)
+
+
+if __name__ == "__main__":
+    main()
