@@ -29,6 +29,7 @@ from micropgpt.checkpoint import load_checkpoint, read_checkpoint
 from micropgpt.errors import UserError
 from micropgpt.files import claim_new_dir
 from micropgpt.module import GPTModule
+from micropgpt.optim import MuonWithAdamW
 from micropgpt.resume import check_resumable, resolve_ckpt_path
 
 # One thread: quicker on a shared 2-core machine, and float sums are bit-identical only between
@@ -292,10 +293,10 @@ def test_resuming_from_a_pickle_that_runs_code_refuses_it_and_runs_nothing(tiny,
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def module_like(reference: Path, **model) -> GPTModule:
+def module_like(reference: Path, optimizer=torch.optim.AdamW, **model) -> GPTModule:
     """A GPTModule as train.py builds it for the reference's config, changed by `model`."""
     hparams = read_checkpoint(reference / "checkpoints" / "last.ckpt")["hyper_parameters"]
-    return GPTModule(hparams["vocab"], {**hparams["model"], **model}, optimizer=torch.optim.AdamW)
+    return GPTModule(hparams["vocab"], {**hparams["model"], **model}, optimizer=optimizer)
 
 
 def test_truncated_checkpoint_is_refused_for_resume_and_for_sampling(reference, tmp_path):
@@ -319,6 +320,12 @@ def test_checkpoint_of_another_architecture_is_refused_for_resume_and_for_sampli
     torch.save(mislabelled, tmp_path / "mislabelled.ckpt")
     with pytest.raises(UserError, match="weights do not fit its own model hyperparameters"):
         load_checkpoint(tmp_path / "mislabelled.ckpt")
+
+
+def test_checkpoint_of_another_optimizer_is_refused_for_resume(reference):
+    last = reference / "checkpoints" / "last.ckpt"  # trained with AdamW
+    with pytest.raises(UserError, match=r"holds the state of another optimizer .*resume with the optimizer="):
+        check_resumable(last, module_like(reference, optimizer=MuonWithAdamW))
 
 
 # --- disk full, read-only output ---

@@ -74,6 +74,22 @@ def check_resumable(file: Path, module: L.LightningModule) -> None:
             f"{file} holds another architecture: it was trained with {', '.join(saved) or 'other code'}, "
             f"this run has {', '.join(differences) or 'a different model'}; resume with its model settings"
         )
+    saved_states = checkpoint.get("optimizer_states") or [{}]
+    configured = module.configure_optimizers()
+    optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+    saved, ours = _group_sizes(saved_states[0]), _group_sizes(optimizer.state_dict())
+    if saved != ours:
+        raise UserError(
+            f"{file} holds the state of another optimizer (parameter groups {saved}, this run's: {ours}); "
+            "resume with the optimizer= it was trained with"
+        )
+
+
+def _group_sizes(optimizer_state: dict) -> dict | list:
+    """The parameter count of each group, per inner optimizer for one that combines several."""
+    if "param_groups" in optimizer_state:
+        return [len(group["params"]) for group in optimizer_state["param_groups"]]
+    return {name: _group_sizes(inner) for name, inner in optimizer_state.items() if isinstance(inner, dict)}
 
 
 class RNGState(L.Callback):
