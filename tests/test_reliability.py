@@ -322,10 +322,15 @@ def test_checkpoint_of_another_architecture_is_refused_for_resume_and_for_sampli
         load_checkpoint(tmp_path / "mislabelled.ckpt")
 
 
-def test_checkpoint_of_another_optimizer_is_refused_for_resume(reference):
+def test_checkpoint_of_another_optimizer_or_without_one_is_refused_for_resume(reference, tmp_path):
     last = reference / "checkpoints" / "last.ckpt"  # trained with AdamW
     with pytest.raises(UserError, match=r"holds the state of another optimizer .*resume with the optimizer="):
         check_resumable(last, module_like(reference, optimizer=MuonWithAdamW))
+    weights_only = read_checkpoint(last)
+    del weights_only["optimizer_states"]
+    torch.save(weights_only, tmp_path / "weights.ckpt")
+    with pytest.raises(UserError, match="holds weights but no optimizer state"):
+        check_resumable(tmp_path / "weights.ckpt", module_like(reference))
 
 
 # --- disk full, read-only output ---

@@ -41,10 +41,10 @@ def parameter_groups(model: GPT) -> list[dict]:
 class GPTModule(L.LightningModule):
     """Trains `GPT(GPTConfig(vocab_size=len(vocab), **model))` with cross entropy.
 
-    `optimizer` and `scheduler` are factories (Hydra partials): the optimizer gets the parameter
-    groups of `parameter_groups`. Only `vocab` and
-    `model` are saved as hyperparameters, as plain Python values, so a checkpoint is enough to
-    rebuild the GPT and loads with `torch.load(..., weights_only=True)`.
+    `optimizer` and `scheduler` are factories (Hydra partials): the optimizer gets the groups of
+    `parameter_groups`. Only `vocab` and `model` are saved as hyperparameters, as plain Python
+    values, so a checkpoint is enough to rebuild the GPT and loads with
+    `torch.load(..., weights_only=True)`.
 
     `model["compile"]` (optional, default false) runs the training forward pass through
     `torch.compile`. It is how the GPT is run, not what it is, so it is left out of the saved

@@ -74,7 +74,12 @@ def check_resumable(file: Path, module: L.LightningModule) -> None:
             f"{file} holds another architecture: it was trained with {', '.join(saved) or 'other code'}, "
             f"this run has {', '.join(differences) or 'a different model'}; resume with its model settings"
         )
-    saved_states = checkpoint.get("optimizer_states") or [{}]
+    saved_states = checkpoint.get("optimizer_states")
+    if not saved_states:
+        raise UserError(
+            f"{file} holds weights but no optimizer state, so training cannot continue from it; "
+            "sample it with generate.py, or resume from a last.ckpt that train.py saved"
+        )
     configured = module.configure_optimizers()
     optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
     saved, ours = _group_sizes(saved_states[0]), _group_sizes(optimizer.state_dict())
