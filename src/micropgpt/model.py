@@ -38,7 +38,7 @@ class GPTConfig:
     bias: bool = True
     # Off in the seed model; options for short, compute-bound runs (experiment=cpu_2min):
     position: str = "learned"  # "learned": a position embedding table; "rope": rotary, in attention
-    activation: str = "gelu"  # the MLP's: "gelu", or "relu2" (ReLU squared, cheaper to differentiate)
+    activation: str = "gelu"  # the MLP's: "gelu", or "relu2" (ReLU squared)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -267,8 +267,8 @@ class MLP(nn.Module):
 
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
-    """ReLU(x)^2 (So et al. 2021, "Primer"): a GELU-quality MLP activation whose backward is one
-    multiply, where GELU's costs ~9% of a small model's CPU training step."""
+    """ReLU(x)^2 (So et al. 2021, "Primer"): with RoPE, 0.03 to 0.05 lower val loss than GELU with
+    learned positions in the cpu_2min search (README, Performance)."""
     return F.relu(x).square()
 
 
