@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from micropgpt.cpu_kernels import Linear
 from micropgpt.errors import UserError
-from micropgpt.model import GPT, GPTConfig, Linear, Rotary
+from micropgpt.model import GPT, GPTConfig, Rotary
 
 VOCAB = 11
 

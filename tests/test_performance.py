@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from torch.nn import functional as F
 
 from micropgpt.checkpoint import load_checkpoint
-from micropgpt.model import GPT, Dropout, GPTConfig, _CausalAttentionWithDropout, keep_mask
+from micropgpt.cpu_kernels import Dropout, _CausalAttentionWithDropout, keep_mask
+from micropgpt.model import GPT, GPTConfig
 
 VOCAB = 65
 

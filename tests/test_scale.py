@@ -4,7 +4,6 @@ the SLURM and FSDP configs, a 200 MB corpus in bounded memory, a directory corpu
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import random
@@ -218,9 +217,7 @@ def test_only_the_first_process_writes_the_hydra_config(monkeypatch):
 
 
 def compose_train(*overrides: str, hydra_config: bool = False):
-    """conf/train.yaml composed in this process, with what train.py registers on import."""
-    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    """conf/train.yaml composed in this process, with what `import micropgpt` registers."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("train", overrides=list(overrides), return_hydra_config=hydra_config)
 

@@ -3,27 +3,26 @@
     ids -> token embedding + position embedding -> n_layer x Block -> LayerNorm -> Linear -> logits
     Block: x + attention(LayerNorm(x)), then x + MLP(LayerNorm(x))      (pre-LayerNorm, as GPT-2)
 
-`generate` samples with a key/value cache: the prompt runs once, then every new character costs
-one position of attention per layer against the cached keys and values, and one row through each
-weight matrix (`Linear` below makes that row cheap on the CPU).
+`KVCache` keeps the keys and values of the positions seen so far, so that generating a character
+costs one position of attention per layer instead of a forward pass over the whole window;
+`GPT.generate` samples with it (the decoding loop and the sampler are in micropgpt.decoding).
 
-Dropout on the CPU: PyTorch draws each Bernoulli decision from a serial, double-precision random
-stream and `scaled_dot_product_attention` with `dropout_p > 0` leaves its fused kernel for the
-unfused math path, which together make a dropout-0.2 step ~1.4x the cost of a dropout-0 step.
-`dropout` and `causal_attention` below compute the same thing in eager CPU training more cheaply;
-on GPUs and under torch.compile the standard ops are used, whose kernels are already fused.
+`Dropout`, `Linear` and `causal_attention` are nn.Dropout, nn.Linear and causal
+scaled_dot_product_attention with faster paths for eager training and decoding on the CPU
+(micropgpt.cpu_kernels); elsewhere they are the standard ops.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from micropgpt.cpu_kernels import Dropout, Linear, causal_attention
+from micropgpt.decoding import generate_stream
 from micropgpt.errors import UserError
 
 
@@ -63,140 +62,6 @@ class GPTConfig:
 
 POSITIONS = ("learned", "rope")
 ACTIVATIONS = ("gelu", "relu2")
-
-
-def keep_mask(shape: torch.Size, keep_prob: float, device: torch.device) -> torch.Tensor:
-    """Independent Bernoulli(keep_prob) decisions as a bool tensor of `shape`.
-
-    Each decision compares 31 uniform random bits with keep_prob * 2^31, so the keep probability is
-    exact to 2^-31. The bits come from 64-bit words (63 random bits each, read as two 31-bit
-    halves), which the CPU generator draws ~5x faster per decision than `bernoulli_`.
-    """
-    numel = math.prod(shape)
-    words = torch.empty((numel + 1) // 2, dtype=torch.int64, device=device).random_()
-    halves = words.view(torch.int32)[:numel].bitwise_and_(0x7FFFFFFF)
-    return (halves < round(keep_prob * 2**31)).view(shape)
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout: zero each element with probability p, scale the rest by 1 / (1 - p)."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return F.dropout(x, p, training=True)
-    return x * keep_mask(x.shape, 1.0 - p, x.device) * (1.0 / (1.0 - p))
-
-
-class Dropout(nn.Module):
-    """nn.Dropout through `dropout` above."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-class _CausalAttentionWithDropout(torch.autograd.Function):
-    """softmax(q k^T / sqrt(d) + causal mask), dropout on those weights, times v; with its backward.
-
-    What `scaled_dot_product_attention(..., dropout_p=p, is_causal=True)` computes, in fewer
-    passes over the (B, H, T, T) weights than its CPU math path: the masks are bool, no check for
-    fully masked rows (a causal row always sees itself), the 1 / (1 - p) scale is applied to the
-    (B, H, T, head_size) output instead of the weights.
-    """
-
-    @staticmethod
-    # Under CPU autocast (bf16-mixed) in float32: the hand-written backward then sees one dtype,
-    # whatever autocast would have chosen for each op.
-    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
-        T, head_size = q.size(-2), q.size(-1)
-        scale = 1.0 / math.sqrt(head_size)
-        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
-        weights = torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)
-        keep = keep_mask(weights.shape, 1.0 - p, weights.device)
-        dropped = weights * keep
-        ctx.save_for_backward(q, k, v, weights, keep, dropped)
-        ctx.scale, ctx.keep_scale = scale, 1.0 / (1.0 - p)
-        return torch.matmul(dropped, v).mul_(ctx.keep_scale)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
-    def backward(ctx, grad_out: torch.Tensor):
-        q, k, v, weights, keep, dropped = ctx.saved_tensors
-        grad_out = grad_out * ctx.keep_scale
-        grad_v = torch.matmul(dropped.transpose(-2, -1), grad_out)
-        grad_weights = torch.matmul(grad_out, v.transpose(-2, -1)).mul_(keep)
-        grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
-        grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale)
-        grad_k = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(ctx.scale)
-        return grad_q, grad_k, grad_v, None
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """Causal scaled dot-product attention of (B, n_head, T, head_size) tensors, with dropout_p on
-    the attention weights."""
-    if dropout_p > 0.0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
-        return _CausalAttentionWithDropout.apply(q, k, v, dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-
-
-class KVCache:
-    """Keys and values of the positions seen so far, one preallocated buffer per layer."""
-
-    def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
-        head_size = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_size)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled; every layer is filled to the same length
-        self.capacity = config.block_size
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new keys/values and return all of them so far."""
-        end = self.length + k.size(2)
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-
-class Linear(nn.Linear):
-    """nn.Linear, with a faster kernel for a few rows on the CPU outside autograd.
-
-    Decoding with the KV cache sends one row per sequence through every weight matrix, so each
-    step reads all the weights once. For such a (rows, in) x (in, out) product on the CPU, torch's
-    addmm calls MKL's gemm, which on the AMD EPYC of README's measurements (torch 2.13) reads the
-    weights at ~14 GB/s; the same product as two (out/2, in) x (in, rows) halves of one bmm goes to
-    a kernel that reads them at ~60 GB/s: KV-cache decoding 1.7x faster (benchmarks/generate.py).
-    Training, validation and prompts (many rows) take nn.Linear's path. Same result up to float
-    rounding.
-    """
-
-    FEW_ROWS = 8  # measured faster here for 1 to 8 rows; from 16 rows bmm calls the same gemm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if (
-            rows > self.FEW_ROWS
-            or self.out_features % 2
-            or x.device.type != "cpu"
-            or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()
-        ):
-            return super().forward(x)
-        halves = self.weight.view(2, self.out_features // 2, self.in_features)
-        columns = x.reshape(rows, self.in_features).T.expand(2, -1, -1)
-        if self.bias is None:
-            y = torch.bmm(halves, columns)
-        else:
-            y = torch.baddbmm(self.bias.view(2, -1, 1), halves, columns)
-        return y.view(self.out_features, rows).T.reshape(*x.shape[:-1], self.out_features)
 
 
 class Rotary(nn.Module):
@@ -341,6 +206,11 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
+    def new_kv_cache(self, batch_size: int) -> KVCache:
+        """An empty cache for `batch_size` sequences, on the model's device and in its dtype."""
+        weight = self.lm_head.weight
+        return KVCache(self.config, batch_size, weight.device, weight.dtype)
+
     @torch.no_grad()
     def generate(
         self,
@@ -353,120 +223,30 @@ class GPT(nn.Module):
         cache_keep: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Extend `idx` (B, T) by `max_new_tokens` sampled ids and return the whole (B, T + new)."""
-        new = list(
-            self.generate_stream(
-                idx, max_new_tokens, temperature, top_k, top_p, kv_cache, cache_keep, generator
-            )
-        )
-        return torch.cat([idx, *new], dim=1)
+        """Extend `idx` (B, T) by `max_new_tokens` sampled ids and return the whole (B, T + new).
 
-    def generate_stream(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        kv_cache: bool = True,
-        cache_keep: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[torch.Tensor]:
-        """Yield each new (B, 1) column of ids as soon as it is sampled.
-
-        temperature=0 picks the most likely character. `top_k` keeps the k most likely, `top_p`
-        the smallest set whose probability reaches p (nucleus sampling).
-
-        Learned absolute positions stop at block_size, so a longer sequence must drop its oldest
-        characters. Without the cache (`kv_cache=False`, nanoGPT's way) the last block_size
-        characters are re-run for every new one: exact, but each step costs a whole forward pass.
-        With the cache, a full cache is rebuilt once from the last `cache_keep` characters
-        (default block_size // 2) at positions 0.., and generation continues one position per
-        step: every character still conditions on at least `cache_keep` previous ones.
-
-        Arguments are checked here, before the first id is produced, not at the first `next()`.
+        The arguments are micropgpt.decoding.generate_stream's, which explains them.
         """
-        validate_sampling(max_new_tokens, temperature, top_k, top_p)
-        block_size = self.config.block_size
-        keep = block_size // 2 if cache_keep is None else cache_keep
-        if not 1 <= keep <= block_size:
-            raise UserError(f"cache_keep={keep} must be between 1 and block_size={block_size}")
-        if idx.size(1) == 0:
-            raise UserError("the prompt is empty: give at least one character to continue from")
-        pick = _sampler(temperature, top_k, top_p, generator)
-        if kv_cache:
-            return self._stream_with_cache(idx, max_new_tokens, pick, keep)
-        return self._stream_without_cache(idx, max_new_tokens, pick)
-
-    @torch.no_grad()
-    def _stream_without_cache(
-        self, idx: torch.Tensor, max_new_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor]
-    ) -> Iterator[torch.Tensor]:
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size :])
-            next_id = pick(logits[:, -1])
-            idx = torch.cat([idx, next_id], dim=1)
-            yield next_id
-
-    @torch.no_grad()
-    def _stream_with_cache(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        pick: Callable[[torch.Tensor], torch.Tensor],
-        keep: int,
-    ) -> Iterator[torch.Tensor]:
-        if max_new_tokens == 0:
-            return
-        cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
-        logits, _ = self(idx[:, -self.config.block_size :], cache=cache)
-        for step in range(max_new_tokens):
-            next_id = pick(logits[:, -1])
-            yield next_id
-            if step == max_new_tokens - 1:
-                break
-            idx = torch.cat([idx, next_id], dim=1)
-            if cache.length == cache.capacity:
-                cache.length = 0
-                logits, _ = self(idx[:, -keep:], cache=cache)
-            else:
-                logits, _ = self(next_id, cache=cache)
+        stream = generate_stream(
+            self, idx, max_new_tokens, temperature, top_k, top_p, kv_cache, cache_keep, generator
+        )
+        return torch.cat([idx, *stream], dim=1)
 
 
-def validate_sampling(
-    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
-) -> None:
-    if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens={max_new_tokens} must be 0 or more")
-    if temperature < 0:
-        raise UserError(f"temperature={temperature} must be 0 (greedy) or more")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top_k={top_k} must be at least 1 (or null for no limit)")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise UserError(f"top_p={top_p} must be in (0, 1] (or null for no limit)")
+class KVCache:
+    """Keys and values of the positions seen so far, one preallocated buffer per layer."""
 
+    def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
+        head_size = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_size)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled; every layer is filled to the same length
+        self.capacity = config.block_size
 
-def _sampler(
-    temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function from last-position logits (B, V) to next ids (B, 1)."""
-
-    def pick(logits: torch.Tensor) -> torch.Tensor:
-        if temperature == 0:
-            return logits.argmax(dim=-1, keepdim=True)
-        logits = logits.float() / temperature
-        if top_k is not None and top_k < logits.size(-1):
-            # Exactly k survive, also when several logits tie with the k-th largest.
-            kept = torch.topk(logits, top_k, dim=-1)
-            logits = torch.full_like(logits, float("-inf")).scatter(-1, kept.indices, kept.values)
-        if top_p is not None and top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-            sorted_probs = sorted_logits.softmax(dim=-1)
-            # Drop a character when the more likely ones already reach top_p; the first always stays.
-            drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-            drop = drop_sorted.scatter(-1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        probs = logits.softmax(dim=-1)
-        return torch.multinomial(probs, num_samples=1, generator=generator)
-
-    return pick
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys/values and return all of them so far."""
+        end = self.length + k.size(2)
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]

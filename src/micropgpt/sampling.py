@@ -1,6 +1,7 @@
-"""From a loaded model and a prompt to text samples: device choice, prompt, streaming, timing.
+"""From a checkpoint and a prompt to text samples: device choice, prompt, loading, streaming, timing.
 
-generate.py is the command line over these; `GPT.generate` is the tensor-level API.
+generate.py and micropgpt.sample are built on `samples_from_checkpoint`; `GPT.generate` (over
+micropgpt.decoding) is the tensor-level API.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from micropgpt.checkpoint import load_checkpoint, resolve_checkpoint
+from micropgpt.decoding import generate_stream, validate_sampling
 from micropgpt.errors import UserError
 from micropgpt.model import GPT
 from micropgpt.tokenizer import CharTokenizer
@@ -66,7 +69,7 @@ def sample_texts(
     **sampling,
 ) -> Iterator[str]:
     """Pieces of text as they are produced: each sample is the prompt, its new characters one by
-    one, then SEPARATOR. `sampling` are GPT.generate_stream's keyword arguments; `speed`
+    one, then SEPARATOR. `sampling` are generate_stream's keyword arguments; `speed`
     accumulates the new characters and the time spent producing them.
 
     Everything is checked before the first piece, so a bad value never leaves partial output.
@@ -75,7 +78,7 @@ def sample_texts(
         raise UserError(f"num_samples={num_samples} must be at least 1")
     device = next(model.parameters()).device
     idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
-    streams = [model.generate_stream(idx, generator=generator, **sampling) for _ in range(num_samples)]
+    streams = [generate_stream(model, idx, generator=generator, **sampling) for _ in range(num_samples)]
     return _pieces(streams, tokenizer, prompt, speed)
 
 
@@ -93,3 +96,75 @@ def _pieces(
             start = time.perf_counter()
         speed.seconds += time.perf_counter() - start
         yield SEPARATOR
+
+
+@dataclass
+class Samples:
+    """Text samples from a loaded checkpoint, ready to be produced piece by piece."""
+
+    file: Path
+    model: GPT
+    tokenizer: CharTokenizer
+    device: torch.device
+    prompt: str
+    pieces: Iterator[str]
+    speed: Speed
+
+    def notes(self) -> list[str]:
+        """What was loaded, and whether the model sees only the end of the prompt."""
+        model, block_size = self.model, self.model.config.block_size
+        notes = [
+            f"loaded {self.file}: {model.num_parameters() / 1e6:.2f}M parameters, "
+            f"{len(self.tokenizer)} characters, block_size {block_size}, on {self.device}"
+        ]
+        if len(self.prompt) > block_size:
+            # Learned positions stop at block_size: the model conditions on the prompt's end only.
+            notes.append(
+                f"note: the prompt has {len(self.prompt)} characters, more than block_size {block_size}: "
+                f"the model sees its last {block_size}"
+            )
+        return notes
+
+
+def samples_from_checkpoint(
+    ckpt: str | Path | None,
+    prompt: str,
+    prompt_file: str | None,
+    num_samples: int,
+    seed: int | None,
+    device: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    kv_cache: bool,
+    cache_keep: int | None,
+) -> Samples:
+    """conf/generate.yaml's options to loaded, checked samples (`sample_texts`), none produced yet.
+
+    The options are checked before the checkpoint is loaded, and everything before the first piece.
+    """
+    validate_sampling(max_new_tokens, temperature, top_k, top_p)
+    if ckpt is None:
+        raise UserError("no checkpoint given: pass ckpt= a run directory (outputs/DATE/TIME) or a .ckpt file")
+    device = pick_device(device)
+    prompt = read_prompt(prompt, prompt_file)
+    file = resolve_checkpoint(ckpt)
+    model, tokenizer = load_checkpoint(file, device)
+    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+    speed = Speed()
+    pieces = sample_texts(
+        model,
+        tokenizer,
+        prompt,
+        num_samples,
+        speed,
+        generator,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        kv_cache=kv_cache,
+        cache_keep=cache_keep,
+    )
+    return Samples(file, model, tokenizer, device, prompt, pieces, speed)

@@ -1,0 +1,136 @@
+"""CPU fast paths behind the GPT's standard operations: same results, fewer passes over memory.
+
+model.py calls three things from here, each a drop-in for a standard PyTorch operation:
+
+    Dropout / dropout     nn.Dropout / F.dropout
+    causal_attention      F.scaled_dot_product_attention(q, k, v, dropout_p, is_causal=True)
+    Linear                nn.Linear
+
+Why: on the CPU, PyTorch draws each Bernoulli decision of dropout from a serial, double-precision
+random stream, and `scaled_dot_product_attention` with `dropout_p > 0` leaves its fused kernel for
+the unfused math path; `dropout` and `causal_attention` compute the same thing in eager CPU
+training with cheaper random bits and fewer passes over the attention weights. `Linear` takes a
+faster kernel for the few-row products of KV-cache decoding. Each is used only in eager mode on
+the CPU; on GPUs and under torch.compile the standard ops run, whose kernels are already fused.
+README's Performance section has the measurements.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _eager_cpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def keep_mask(shape: torch.Size, keep_prob: float, device: torch.device) -> torch.Tensor:
+    """Independent Bernoulli(keep_prob) decisions as a bool tensor of `shape`.
+
+    Each decision compares 31 uniform random bits with keep_prob * 2^31, so the keep probability is
+    exact to 2^-31. The bits come from 64-bit words (63 random bits each, read as two 31-bit
+    halves), which the CPU generator draws faster per decision than `bernoulli_`.
+    """
+    numel = math.prod(shape)
+    words = torch.empty((numel + 1) // 2, dtype=torch.int64, device=device).random_()
+    halves = words.view(torch.int32)[:numel].bitwise_and_(0x7FFFFFFF)
+    return (halves < round(keep_prob * 2**31)).view(shape)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout: zero each element with probability p, scale the rest by 1 / (1 - p)."""
+    if not training or p == 0.0:
+        return x
+    if not _eager_cpu(x):
+        return F.dropout(x, p, training=True)
+    return x * keep_mask(x.shape, 1.0 - p, x.device) * (1.0 / (1.0 - p))
+
+
+class Dropout(nn.Module):
+    """nn.Dropout through `dropout` above."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class _CausalAttentionWithDropout(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d) + causal mask), dropout on those weights, times v; with its backward.
+
+    What `scaled_dot_product_attention(..., dropout_p=p, is_causal=True)` computes, in fewer
+    passes over the (B, H, T, T) weights than its CPU math path: the masks are bool, no check for
+    fully masked rows (a causal row always sees itself), the 1 / (1 - p) scale is applied to the
+    (B, H, T, head_size) output instead of the weights.
+    """
+
+    @staticmethod
+    # Under CPU autocast (bf16-mixed) in float32: the hand-written backward then sees one dtype,
+    # whatever autocast would have chosen for each op.
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+        T, head_size = q.size(-2), q.size(-1)
+        scale = 1.0 / math.sqrt(head_size)
+        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
+        weights = torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)
+        keep = keep_mask(weights.shape, 1.0 - p, weights.device)
+        dropped = weights * keep
+        ctx.save_for_backward(q, k, v, weights, keep, dropped)
+        ctx.scale, ctx.keep_scale = scale, 1.0 / (1.0 - p)
+        return torch.matmul(dropped, v).mul_(ctx.keep_scale)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v, weights, keep, dropped = ctx.saved_tensors
+        grad_out = grad_out * ctx.keep_scale
+        grad_v = torch.matmul(dropped.transpose(-2, -1), grad_out)
+        grad_weights = torch.matmul(grad_out, v.transpose(-2, -1)).mul_(keep)
+        grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
+        grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale)
+        grad_k = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(ctx.scale)
+        return grad_q, grad_k, grad_v, None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """Causal scaled dot-product attention of (B, n_head, T, head_size) tensors, with dropout_p on
+    the attention weights."""
+    if dropout_p > 0.0 and _eager_cpu(q):
+        return _CausalAttentionWithDropout.apply(q, k, v, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+class Linear(nn.Linear):
+    """nn.Linear, with a faster kernel for a few rows on the CPU outside autograd.
+
+    Decoding with the KV cache sends one row per sequence through every weight matrix, so each
+    step reads all the weights once. For such a (rows, in) x (in, out) product on the CPU, torch's
+    addmm calls MKL's gemm, which reads the weights slowly; the same product as two
+    (out/2, in) x (in, rows) halves of one bmm goes to a kernel that reads them faster
+    (benchmarks/generate.py measures it). Training, validation and prompts (many rows) take
+    nn.Linear's path. Same result up to float rounding; same parameters, so the same state dict.
+    """
+
+    FEW_ROWS = 8  # faster here for 1 to 8 rows; from 16 rows bmm calls the same gemm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows > self.FEW_ROWS or self.out_features % 2 or not _eager_cpu(x) or torch.is_grad_enabled():
+            return super().forward(x)
+        halves = self.weight.view(2, self.out_features // 2, self.in_features)
+        columns = x.reshape(rows, self.in_features).T.expand(2, -1, -1)
+        if self.bias is None:
+            y = torch.bmm(halves, columns)
+        else:
+            y = torch.baddbmm(self.bias.view(2, -1, 1), halves, columns)
+        return y.view(self.out_features, rows).T.reshape(*x.shape[:-1], self.out_features)

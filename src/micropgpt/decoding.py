@@ -1,0 +1,133 @@
+"""Autoregressive decoding: how a GPT picks its next characters, one at a time.
+
+`generate_stream` checks the sampling options, then yields each new column of ids: the sampler
+(temperature, top-k, top-p) picks from the last position's logits, and the loop runs the GPT
+with its KV cache (or, with kv_cache=False, over the whole window each time). `GPT.generate`
+collects it; micropgpt.sampling turns it into text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from micropgpt.errors import UserError
+
+if TYPE_CHECKING:  # model.py imports this module for GPT.generate
+    from micropgpt.model import GPT
+
+
+def validate_sampling(
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
+) -> None:
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens={max_new_tokens} must be 0 or more")
+    if temperature < 0:
+        raise UserError(f"temperature={temperature} must be 0 (greedy) or more")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k={top_k} must be at least 1 (or null for no limit)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p={top_p} must be in (0, 1] (or null for no limit)")
+
+
+def sampler(
+    temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function from last-position logits (B, V) to next ids (B, 1)."""
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits.float() / temperature
+        if top_k is not None and top_k < logits.size(-1):
+            # Exactly k survive, also when several logits tie with the k-th largest.
+            kept = torch.topk(logits, top_k, dim=-1)
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, kept.indices, kept.values)
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+            sorted_probs = sorted_logits.softmax(dim=-1)
+            # Drop a character when the more likely ones already reach top_p; the first always stays.
+            drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+            drop = drop_sorted.scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator)
+
+    return pick
+
+
+def generate_stream(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    kv_cache: bool = True,
+    cache_keep: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield each new (B, 1) column of ids that `model` samples after `idx` (B, T), as soon as it is
+    sampled.
+
+    temperature=0 picks the most likely character. `top_k` keeps the k most likely, `top_p`
+    the smallest set whose probability reaches p (nucleus sampling).
+
+    Learned absolute positions stop at block_size, so a longer sequence must drop its oldest
+    characters. Without the cache (`kv_cache=False`, nanoGPT's way) the last block_size
+    characters are re-run for every new one: exact, but each step costs a whole forward pass.
+    With the cache, a full cache is rebuilt once from the last `cache_keep` characters
+    (default block_size // 2) at positions 0.., and generation continues one position per
+    step: every character still conditions on at least `cache_keep` previous ones.
+
+    Arguments are checked here, before the first id is produced, not at the first `next()`.
+    """
+    validate_sampling(max_new_tokens, temperature, top_k, top_p)
+    block_size = model.config.block_size
+    keep = block_size // 2 if cache_keep is None else cache_keep
+    if not 1 <= keep <= block_size:
+        raise UserError(f"cache_keep={keep} must be between 1 and block_size={block_size}")
+    if idx.size(1) == 0:
+        raise UserError("the prompt is empty: give at least one character to continue from")
+    pick = sampler(temperature, top_k, top_p, generator)
+    if kv_cache:
+        return _stream_with_cache(model, idx, max_new_tokens, pick, keep)
+    return _stream_without_cache(model, idx, max_new_tokens, pick)
+
+
+@torch.no_grad()
+def _stream_without_cache(
+    model: GPT, idx: torch.Tensor, max_new_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[torch.Tensor]:
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size :])
+        next_id = pick(logits[:, -1])
+        idx = torch.cat([idx, next_id], dim=1)
+        yield next_id
+
+
+@torch.no_grad()
+def _stream_with_cache(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    pick: Callable[[torch.Tensor], torch.Tensor],
+    keep: int,
+) -> Iterator[torch.Tensor]:
+    if max_new_tokens == 0:
+        return
+    cache = model.new_kv_cache(idx.size(0))
+    logits, _ = model(idx[:, -model.config.block_size :], cache=cache)
+    for step in range(max_new_tokens):
+        next_id = pick(logits[:, -1])
+        yield next_id
+        if step == max_new_tokens - 1:
+            break
+        idx = torch.cat([idx, next_id], dim=1)
+        if cache.length == cache.capacity:
+            cache.length = 0
+            logits, _ = model(idx[:, -keep:], cache=cache)
+        else:
+            logits, _ = model(next_id, cache=cache)

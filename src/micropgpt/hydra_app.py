@@ -1,0 +1,403 @@
+"""The Hydra application: everything train.py, generate.py, eval.py and the Python API share.
+
+The only package module that imports Hydra (shared/DESIGN.md, Boundaries). Importing it (which
+`import micropgpt` does) registers the resolvers conf/ uses and the typed schemas of conf/'s
+model, generate and eval configs, so conf/train.yaml composes with Hydra's Compose API too.
+It also holds the training job (`train`, and `train_command` around it for `python train.py`),
+the Hydra callbacks conf/train.yaml names, sweep-failure recording, the resume command, the
+plugin-extra checks, and `run_app`/`compose`: conf/ composed and run from Python as the
+commands do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shlex
+import sys
+import tempfile
+import time
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, make_dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from micropgpt.errors import UserError, find_user_error
+from micropgpt.files import claim_new_dir
+from micropgpt.interrupts import TrainingInterrupted
+from micropgpt.model import GPTConfig
+from micropgpt.resume import check_resumable, resolve_ckpt_path
+from micropgpt.summary import RunResult, read_results, write_result, write_summary
+
+log = logging.getLogger(__name__)
+
+# conf/ beside src/ in the project checkout (the package is installed editable: pip install -e).
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+# --- resolvers used in conf/ -------------------------------------------------------------------
+
+
+def folder_name(text: str, max_bytes: int = 255) -> str:
+    """`text` cut to the file-name limit of common file systems, ending in '...' when cut.
+
+    Run names are the run's overrides (conf/logger), and a long command line must not stop a run.
+    """
+    if len(text.encode()) <= max_bytes:
+        return text
+    return text.encode()[: max_bytes - 3].decode(errors="ignore") + "..."
+
+
+def on_first_process(value):
+    """`value` in the first process of a multi-process run, None in the others.
+
+    torchrun and SLURM start every process with the same command line; the rank they set in the
+    environment (read by Lightning at import) is all that tells them apart before training starts.
+    """
+    return value if rank_zero_only.rank == 0 else None
+
+
+# replace=True: a notebook may reload this module.
+OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
+OmegaConf.register_new_resolver("on_first_process", on_first_process, replace=True)
+
+# --- typed schemas: a wrong type fails at composition ------------------------------------------
+
+# The model group's, so `model.n_embd=abc` fails at composition. Derived from GPTConfig so the two
+# cannot drift; vocab_size comes from the corpus, not the config. `compile` is how GPTModule runs
+# the GPT, not part of it: checkpoints do not keep it.
+_hints = typing.get_type_hints(GPTConfig)
+ModelSchema = make_dataclass(
+    "ModelSchema",
+    [(f.name, _hints[f.name], f.default) for f in fields(GPTConfig) if f.name != "vocab_size"]
+    + [("compile", bool, False)],
+)
+
+
+@dataclass
+class GenerateSchema:
+    """The types of conf/generate.yaml's keys, so `max_new_tokens=abc` fails at composition."""
+
+    ckpt: str | None = MISSING
+    prompt: str = MISSING
+    prompt_file: str | None = MISSING
+    max_new_tokens: int = MISSING
+    temperature: float = MISSING
+    top_k: int | None = MISSING
+    top_p: float | None = MISSING
+    num_samples: int = MISSING
+    seed: int | None = MISSING
+    device: str = MISSING
+    kv_cache: bool = MISSING
+    cache_keep: int | None = MISSING
+    stream: bool = MISSING
+    out: str | None = MISSING
+
+
+ConfigStore.instance().store(group="model", name="schema", node=ModelSchema)
+ConfigStore.instance().store(name="generate_schema", node=GenerateSchema)
+
+# --- the training job --------------------------------------------------------------------------
+
+
+class SweepConfigError(UserError):
+    """A mistake that fails every job of a sweep alike: the sweep stops instead of recording each."""
+
+
+def refuse_script_relaunch(trainer: L.Trainer, python_api: bool) -> None:
+    """Refuse a strategy that starts its processes by re-running the command line, where that
+    command is not this run: a sweep's (-m), or the program that called micropgpt.train.
+
+    Plain DDP does; under -m each process would re-run the whole sweep (Lightning #18175, Hydra
+    #2070). ddp_spawn starts them from inside the job, torchrun and SLURM from outside: both fine.
+    """
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    if not (in_sweep or python_api):
+        return
+    launcher = trainer.strategy.launcher
+    if (
+        isinstance(launcher, _SubprocessScriptLauncher)
+        and trainer.num_devices > 1
+        and not launcher.cluster_environment.creates_processes_externally
+    ):
+        strategy = type(trainer.strategy).__name__
+        if python_api:
+            raise UserError(
+                f"micropgpt.train on {trainer.num_devices} devices cannot use {strategy}, which starts "
+                "each process by re-running the calling program; add trainer.strategy=ddp_spawn, or "
+                "run python train.py"
+            )
+        raise SweepConfigError(
+            f"a sweep (-m) on {trainer.num_devices} devices cannot use {strategy}, which "
+            "starts each process by re-running this command, so each would re-run the whole sweep; "
+            "add trainer.strategy=ddp_spawn, or run each configuration without -m"
+        )
+
+
+def best_val_loss(trainer: L.Trainer) -> float | None:
+    best = trainer.checkpoint_callback.best_model_score
+    if best is None:
+        # ddp_spawn hands back the callback metrics and best checkpoint path, not the best score.
+        best = trainer.callback_metrics.get("val/loss_best")
+    return None if best is None else best.item()
+
+
+def train(cfg: DictConfig, python_api: bool = False) -> float | None:
+    """Build every object of the composed conf/train.yaml from its `_target_`, fit, write result.json.
+
+    Returns the best validation loss (what Hydra sweepers minimise).
+    """
+    started = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.module, vocab=datamodule.vocab, _convert_="all")
+    trainer = instantiate(
+        cfg.trainer,
+        logger=instantiate(cfg.logger),
+        callbacks=[instantiate(c) for c in cfg.callbacks.values()],
+    )
+    refuse_script_relaunch(trainer, python_api)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, Path(trainer.checkpoint_callback.dirpath))
+    if ckpt_path is not None:
+        check_resumable(ckpt_path, module)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+
+    checkpoint = trainer.checkpoint_callback
+    best = best_val_loss(trainer)
+    if trainer.is_global_zero:
+        run_dir = HydraConfig.get().runtime.output_dir
+        tokens_per_sec = trainer.callback_metrics.get("train/tokens_per_sec")
+        result = RunResult(
+            overrides=HydraConfig.get().job.override_dirname,
+            status="ok",
+            num_params=module.model.num_parameters(),
+            best_val_loss=best,
+            tokens_per_sec=None if tokens_per_sec is None else tokens_per_sec.item(),
+            wall_time_s=time.perf_counter() - started,
+            best_checkpoint=checkpoint.best_model_path or None,
+        )
+        write_result(run_dir, result)
+        print(f"\nbest val/loss: {best:.4f}" if best is not None else "\nno validation ran")
+        print(f"checkpoints:   {checkpoint.dirpath}")
+        print(f"sample with:   python generate.py ckpt={run_dir} prompt='ROMEO:' max_new_tokens=500")
+    return best
+
+
+def record_failure(error: Exception) -> float:
+    """Keep a sweep going past a failed run: its result.json says why, and it scores +inf.
+
+    Hydra's basic launcher stops the whole sweep at the first exception a job raises, and Optuna
+    marks a trial failed for a non-number; +inf instead ranks the run last for any minimiser.
+    """
+    user_error = find_user_error(error)
+    if user_error is None:
+        log.exception("run failed (a bug, traceback above); the sweep goes on")
+        message = f"{type(error).__name__}: {error}"
+    else:
+        log.error(f"run failed: {user_error}; the sweep goes on")
+        message = str(user_error)
+    hydra_config = HydraConfig.get()
+    write_result(
+        hydra_config.runtime.output_dir,
+        RunResult(
+            overrides=hydra_config.job.override_dirname,
+            status="failed",
+            error=message.strip().splitlines()[0],
+        ),
+    )
+    return float("inf")
+
+
+def resume_command() -> str:
+    """The command that continues this run from its last.ckpt."""
+    hydra_config = HydraConfig.get()
+    overrides = [o for o in hydra_config.overrides.task if not o.startswith("ckpt_path=")]
+    run_dir = hydra_config.runtime.output_dir
+    return shlex.join(["python", "train.py", *overrides, f"hydra.run.dir={run_dir}", "ckpt_path=last"])
+
+
+def train_command(cfg: DictConfig) -> float | None:
+    """`python train.py`'s job: `train`, with the command line's answers to what can go wrong."""
+    try:
+        return train(cfg)
+    except TrainingInterrupted as e:
+        if rank_zero_only.rank == 0:
+            print(f"\n{e}\nresume with: {resume_command()}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except SIGTERMException:
+        # Lightning's own SIGTERM handling, before training started: there is nothing new to save.
+        print("\nSIGTERM before the first training step: nothing new was saved", file=sys.stderr)
+        sys.exit(128 + 15)
+    except Exception as e:
+        user_error = find_user_error(e)
+        if HydraConfig.get().mode == RunMode.MULTIRUN and not isinstance(user_error, SweepConfigError):
+            return record_failure(e)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        sys.exit(2)
+
+
+# --- Hydra callbacks (conf/train.yaml, hydra.callbacks) ----------------------------------------
+
+_raise_user_errors = False  # True while run_app runs: callbacks raise UserError instead of exiting
+
+
+def _stop(error: UserError) -> typing.NoReturn:
+    """Stop on a user's mistake inside a Hydra callback: `error: ...` and exit 2 under a command
+    (Hydra would print an exception with a traceback), the exception itself under run_app."""
+    if _raise_user_errors:
+        raise error
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun, writes summary.csv and summary.md into the sweep dir and prints them."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        markdown = write_summary(sweep_dir)
+        print(f"\nsweep summary ({sweep_dir / 'summary.csv'}):\n{markdown}")
+        results = [result for _, result in read_results(sweep_dir)]
+        if results and all(result.status == "failed" for result in results):
+            # Failed runs do not stop a sweep, but a sweep with nothing to show must not exit 0.
+            print(f"error: every run of the sweep in {sweep_dir} failed: see the table", file=sys.stderr)
+            sys.exit(1)
+
+
+class OwnRunDir(Callback):
+    """Gives every run a run dir of its own, and stops in one line when it cannot be written.
+
+    The default run dir, outputs/DATE/TIME, has a resolution of one second: two runs started in
+    the same second would share it. When hydra.run.dir depends on ${now:}, the dir is claimed
+    with claim_new_dir (a second run of the same second gets TIME-1). A hydra.run.dir without
+    ${now:} is used as it is: a resumed run, a DDP child process, a SLURM job's own dir. So is
+    the dir of a process that torchrun or SLURM started as one of several (see on_first_process):
+    they must all arrive at the same dir without talking to each other.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        run_dir = Path(config.hydra.run.dir)
+        time_based = "${now:" in OmegaConf.to_container(config.hydra.run, resolve=False)["dir"]
+        try:
+            one_of_several = "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+            if time_based and not one_of_several:
+                with open_dict(config.hydra.run):
+                    config.hydra.run.dir = str(claim_new_dir(run_dir))
+            else:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=run_dir).close()
+        except OSError as e:
+            _stop(
+                UserError(
+                    f"run directory {run_dir} cannot be written ({e.strerror}); "
+                    "pass hydra.run.dir=<a writable directory>"
+                )
+            )
+
+
+# --- optional Hydra plugins ---------------------------------------------------------------------
+
+# Choices that need an optional Hydra plugin: (override prefixes, plugin module, what needs it, extra).
+PLUGIN_EXTRAS = [
+    (
+        ("hparams_search=",),
+        "hydra_plugins.hydra_optuna_sweeper",
+        "hparams_search needs the Optuna sweeper",
+        "sweep",
+    ),
+    (
+        ("hydra/launcher=slurm", "hydra/launcher=submitit"),
+        "hydra_plugins.hydra_submitit_launcher",
+        "the SLURM and submitit launchers need hydra-submitit-launcher",
+        "slurm",
+    ),
+]
+
+
+def require_plugin_extras(argv: list[str]) -> None:
+    """Say which optional extra installs a plugin that the command line asks for."""
+    for prefixes, module, need, extra in PLUGIN_EXTRAS:
+        if not any(arg.startswith(prefixes) for arg in argv):
+            continue
+        try:
+            installed = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # not even the hydra_plugins namespace
+            installed = False
+        if not installed:
+            print(f"error: {need}, an optional extra: pip install -e '.[{extra}]'", file=sys.stderr)
+            sys.exit(2)
+
+
+# --- conf/ from Python ------------------------------------------------------------------------
+
+
+@contextmanager
+def _conf(job_name: str) -> Iterator[None]:
+    """Hydra initialised on conf/ for one composition or run; Hydra's previous state after it."""
+    if not (CONF_DIR / "train.yaml").is_file():
+        raise UserError(
+            f"micropgpt's configs are not at {CONF_DIR}: the Python API needs the project checkout, "
+            "installed with pip install -e ."
+        )
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=job_name):
+            yield
+    except (HydraException, OmegaConfBaseException) as e:
+        # A bad override or config value: what the command prints (the error and its cause), in one line.
+        lines = [line.strip() for error in (e, e.__cause__) if error for line in str(error).splitlines()]
+        raise UserError("; ".join(line for line in lines if line)) from None
+
+
+def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """conf/<config_name>.yaml composed with `overrides`, without the hydra node."""
+    with _conf(config_name):
+        return hydra_compose(config_name, overrides=list(overrides))
+
+
+def run_app(config_name: str, overrides: list[str], task: Callable[[DictConfig], Any]) -> Any:
+    """Run `task` on conf/<config_name>.yaml with `overrides` as `python <config_name>.py` runs its
+    job: Hydra's callbacks, the run dir, .hydra/, the job's log file, HydraConfig set; returns
+    what `task` returned, and raises what it raised (a user's mistake as its UserError)."""
+    global _raise_user_errors
+    outcome: dict[str, Any] = {}
+
+    def job(cfg: DictConfig) -> None:
+        # Caught here rather than by Hydra, which would also print "Error executing job".
+        try:
+            outcome["value"] = task(cfg)
+        except Exception as e:
+            outcome["error"] = e
+
+    _raise_user_errors = True
+    try:
+        with _conf(config_name):
+            GlobalHydra.instance().hydra.run(config_name=config_name, task_function=job, overrides=overrides)
+    finally:
+        _raise_user_errors = False
+    if "error" in outcome:
+        error = outcome["error"]
+        user_error = find_user_error(error)
+        if user_error is not None:
+            raise user_error from None
+        raise error
+    return outcome["value"]
