@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import http.client
 import itertools
 import json
 import os
@@ -51,8 +52,11 @@ def download(url: str, target: Path, sha256: str, timeout: float = 30.0) -> None
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:
                 data = response.read()
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", e)
+            if isinstance(e, http.client.IncompleteRead):  # cut off before Content-Length bytes
+                expected = "" if e.expected is None else f" of {len(e.partial) + e.expected}"
+                reason = f"the connection closed after {len(e.partial)}{expected} bytes"
             raise UserError(f"could not download {url} to {target} ({reason}); {hint}") from None
         digest = hashlib.sha256(data).hexdigest()
         if digest != sha256:
