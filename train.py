@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from micropgpt.errors import UserError, find_user_error
-from micropgpt.files import claim_new_dir
+from micropgpt.files import claim_new_dir, remove_stale_temporary_files
 from micropgpt.interrupts import TrainingInterrupted
 from micropgpt.model import GPTConfig
 from micropgpt.resume import check_resumable, resolve_ckpt_path
@@ -108,6 +108,15 @@ def best_val_loss(trainer: L.Trainer) -> float | None:
     return None if best is None else best.item()
 
 
+def remove_interrupted_writes(trainer: L.Trainer) -> None:
+    """Remove what writes killed before their rename (a SIGKILL, a power cut) left in the run's dirs."""
+    dirs = [HydraConfig.get().runtime.output_dir, *(c.dirpath for c in trainer.checkpoint_callbacks)]
+    removed = remove_stale_temporary_files(Path(d) for d in dirs if d)
+    if removed:
+        paths = ", ".join(map(str, removed))
+        print(f"note: removed {len(removed)} temporary file(s) of killed writes: {paths}", file=sys.stderr)
+
+
 def train(cfg: DictConfig) -> float | None:
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)
@@ -119,6 +128,8 @@ def train(cfg: DictConfig) -> float | None:
         callbacks=[instantiate(c) for c in cfg.callbacks.values()],
     )
     refuse_script_relaunch_in_multirun(trainer)
+    if rank_zero_only.rank == 0:  # once per run, before any of its processes writes a file
+        remove_interrupted_writes(trainer)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, Path(trainer.checkpoint_callback.dirpath))
     if ckpt_path is not None:
         check_resumable(ckpt_path, module)
