@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import http.server
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
 from micropgpt import data
 from micropgpt.data import CharDataModule
@@ -142,17 +145,18 @@ BODY = TEXT.encode("utf-8")
 
 @pytest.fixture
 def server():
-    """Serves BODY at /input.txt; yields the base URL."""
+    """Serves BODY at /input.txt, and at /cut-off only its first half before closing; yields the base URL."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            if self.path != "/input.txt":
+            if self.path not in ("/input.txt", "/cut-off"):
                 self.send_error(404)
                 return
             self.send_response(200)
             self.send_header("Content-Length", str(len(BODY)))
             self.end_headers()
-            self.wfile.write(BODY)
+            # HTTP/1.0: the connection closes when the handler returns, here short of Content-Length.
+            self.wfile.write(BODY if self.path == "/input.txt" else BODY[: len(BODY) // 2])
 
         def log_message(self, *args):
             pass
@@ -207,4 +211,26 @@ def test_failed_download_leaves_no_file_and_names_url_target_and_override(tmp_pa
     target = tmp_path / "data" / "tinyshakespeare" / "input.txt"
     assert url in message and str(target) in message and "data.path=" in message
     assert "\n" not in message
+    assert not target.parent.exists() or list(target.parent.iterdir()) == []
+
+
+def test_download_cut_off_mid_way_is_one_error_line_and_keeps_nothing(tmp_path, server):
+    """The server closes the connection after half the Content-Length bytes: train.py says so."""
+    url, data_dir = f"{server}/cut-off", tmp_path / "data"
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"data.data_dir={data_dir}",
+        f"data.url={url}",
+        f"data.sha256={hashlib.sha256(BODY).hexdigest()}",
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stdout + result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    target = data_dir / "tinyshakespeare" / "input.txt"
+    assert f"could not download {url} to {target}" in error
+    assert f"the connection closed after {len(BODY) // 2} of {len(BODY)} bytes" in error
+    assert "data.path=" in error
     assert not target.parent.exists() or list(target.parent.iterdir()) == []

@@ -162,10 +162,56 @@ def test_sigkill_even_mid_write_leaves_a_loadable_last_ckpt_and_resuming_matches
     assert kills_mid_write >= 1, "no kill landed in the middle of a checkpoint write"
     assert 0 < steps[0] < steps[1] < steps[2] < 60, steps
 
+    left_by_kills = temp_files(checkpoints)
     result = train(tiny(run_dir, every_step, "ckpt_path=last"))
     assert result.returncode == 0, result.stderr
     assert read_checkpoint(last)["global_step"] == 60
     assert_same_weights(run_dir, reference)
+    # Each resume removed what the kill before it left; so did the last one.
+    assert temp_files(checkpoints) == set()
+    assert ("note: removed" in result.stderr) == bool(left_by_kills)
+
+
+def kill_mid_write(target: Path) -> Path:
+    """SIGKILLs an atomic_write of `target` while it writes; returns the temporary file it left."""
+    write = "lambda f: (f.write(b'partial'), f.flush(), print(flush=True), time.sleep(600))"
+    code = f"import sys, time, micropgpt.files as m\nm.atomic_write(m.Path(sys.argv[1]), {write})"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    before = set(target.parent.iterdir())
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE)
+    proc.stdout.readline()  # the write has begun
+    proc.kill()
+    proc.communicate()
+    (left,) = set(target.parent.iterdir()) - before
+    return left
+
+
+def test_a_run_starting_in_a_run_dir_removes_only_the_temporary_files_of_killed_writes(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / "checkpoints"
+    stale = [kill_mid_write(checkpoints / "last.ckpt"), kill_mid_write(run_dir / "result.json")]
+    assert all(path.name.startswith(".") and path.name.endswith(".micropgpt.tmp") for path in stale)
+    look_alikes = [
+        checkpoints / ".last.ckpt.abcd1234.tmp",  # another program's temporary file
+        checkpoints / "last.ckpt.abcd1234.micropgpt.tmp",  # not hidden
+        checkpoints / ".last.ckpt.abc123.micropgpt.tmp",  # not 8 random characters
+        checkpoints / ".last.ckpt.ABCD1234.micropgpt.tmp",
+        run_dir / ".micropgpt.tmp",
+        run_dir / "notes.tmp",
+    ]
+    for path in look_alikes:
+        path.write_text("keep me")
+    look_alike_dir = checkpoints / ".best.ckpt.abcd1234.micropgpt.tmp"
+    look_alike_dir.mkdir()
+
+    result = train(tiny(run_dir, "trainer.max_steps=20"))
+    assert result.returncode == 0, result.stderr
+    (note,) = [line for line in result.stderr.splitlines() if line.startswith("note: removed")]
+    assert note.startswith("note: removed 2 temporary file(s) of killed writes: ")
+    assert all(str(path) in note for path in stale)
+    assert not any(path.exists() for path in stale)
+    assert all(path.read_text() == "keep me" for path in look_alikes) and look_alike_dir.is_dir()
+    assert {p.name for p in checkpoints.iterdir()} >= {"best.ckpt", "last.ckpt"}
 
 
 def fake_slurm(tmp_path: Path) -> dict[str, str]:

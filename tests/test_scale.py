@@ -121,6 +121,57 @@ def test_ddp_ranks_agree_on_validation_and_train_on_different_windows(ddp_run):
     assert [e.value for e in logged] == pytest.approx(rank0["val_loss"])
 
 
+# --- Validation: the same val/loss on any number of processes ----------------------------------
+
+VALIDATE_REPORT = Path(__file__).parent / "validate_report.py"
+# Of Tiny Shakespeare, 1.4% validates: 487 windows of block 32 in 31 batches of 16, the last of 7.
+# Neither count divides by 2 or 3, so padded or dropped windows would change the loss.
+VAL_FRACTION, VAL_WINDOWS, VAL_BATCH = 0.014, 487, 16
+
+
+def validate_on(processes: int, ckpt: Path, corpus: Path, tmp_path: Path, batch_size: int = VAL_BATCH):
+    """Trainer.validate of `ckpt` on CPU processes (torchrun and gloo for several); the result."""
+    out_dir = tmp_path / f"validate{processes}"
+    args = [str(ckpt), str(corpus), str(tmp_path / "data"), str(VAL_FRACTION), str(batch_size), str(out_dir)]
+    launch = [sys.executable]
+    if processes > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    command = [*launch, str(VALIDATE_REPORT), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    reports = [json.loads(path.read_text()) for path in out_dir.glob("rank*.json")]
+    return result, sorted(reports, key=lambda report: report["rank"])
+
+
+def test_validation_counts_every_window_once_and_gives_one_loss_on_any_number_of_processes(
+    tiny_run, corpus, tmp_path
+):
+    ckpt = tiny_run / "checkpoints" / "best.ckpt"
+    losses = {}
+    for processes in (1, 2, 3):
+        result, reports = validate_on(processes, ckpt, corpus, tmp_path)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert [(r["rank"], r["world_size"]) for r in reports] == [(n, processes) for n in range(processes)]
+        assert {r["sampler"] for r in reports} == {"ValidationShardSampler"}
+        # Each window once, in order, shared in contiguous runs: no padding, nothing dropped.
+        assert reports[0]["val_windows"] == VAL_WINDOWS
+        assert [w for r in reports for w in r["windows"]] == list(range(VAL_WINDOWS))
+        assert len({r["val_loss"] for r in reports}) == 1  # synchronised over the processes
+        losses[processes] = reports[0]["val_loss"]
+    assert losses[2] == pytest.approx(losses[1], abs=1e-6)
+    assert losses[3] == pytest.approx(losses[1], abs=1e-6)
+
+
+def test_validation_on_more_processes_than_batches_is_refused_in_one_line(tiny_run, corpus, tmp_path):
+    # 487 windows in batches of 400: two batches for three processes, one of which would wait forever.
+    result, _ = validate_on(3, tiny_run / "checkpoints" / "best.ckpt", corpus, tmp_path, batch_size=400)
+    assert result.returncode != 0
+    message = (
+        "the validation split has 2 batches of data.batch_size=400, fewer than the 3 processes, which need "
+        "one each; use a larger data.val_fraction, a smaller data.batch_size or fewer devices"
+    )
+    assert message in result.stdout + result.stderr
+
+
 # --- Sweeps with several devices -----------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,47 @@ def test_a_missing_sweep_extra_names_the_extra_to_install():
     assert result.stderr.strip() == (
         "error: hparams_search needs the Optuna sweeper, an optional extra: pip install -e '.[sweep]'"
     )
+
+
+def test_two_sweeps_started_together_get_their_own_sweep_dirs_jobs_and_summaries(tmp_path, corpus):
+    # ${now:%Y}: one time-based name for both, as two sweeps started in the same second get. The
+    # working directory is tmp_path, where the relative sweep dir lands, as outputs/multirun/... would.
+    def sweep(seeds: str) -> subprocess.Popen:
+        command = [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            "hydra.sweep.dir=multirun/${now:%Y}",
+            # Run names carry the seed alone.
+            f"hydra.job.config.override_dirname.exclude_keys=[{','.join(EXCLUDED)},model.n_embd,model.n_layer]",
+            f"data.path={corpus}",
+            f"data.data_dir={tmp_path / 'data'}",
+            *(f"{key}={value}" for key, value in FIXED.items()),
+            "model.n_embd=8",
+            "model.n_layer=1",
+            f"seed={seeds}",
+        ]
+        pipe = subprocess.PIPE
+        return subprocess.Popen(command, cwd=tmp_path, stdout=pipe, stderr=pipe, text=True)
+
+    sweeps = [sweep("1,2"), sweep("3,4")]
+    for process in sweeps:
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, f"{out}\n{err}"
+    year = time.strftime("%Y")
+    sweep_dirs = [tmp_path / "multirun" / year, tmp_path / "multirun" / f"{year}-1"]
+    assert sorted((tmp_path / "multirun").iterdir()) == sweep_dirs
+    seeds = set()
+    for sweep_dir in sweep_dirs:
+        rows = read_summary(sweep_dir)
+        assert sorted(row["job"] for row in rows) == ["0", "1"]
+        assert all(row["status"] == "ok" for row in rows)
+        for job in ("0", "1"):
+            assert (sweep_dir / job / "checkpoints" / "best.ckpt").is_file()
+            job_config = (sweep_dir / job / ".hydra" / "hydra.yaml").read_text()
+            assert f"output_dir: {sweep_dir / job}" in job_config
+        # Each sweep ran its own two seeds, not the other's.
+        sweep_seeds = {row["overrides"] for row in rows}
+        assert sweep_seeds in ({"seed=1", "seed=2"}, {"seed=3", "seed=4"})
+        seeds |= sweep_seeds
+    assert seeds == {"seed=1", "seed=2", "seed=3", "seed=4"}

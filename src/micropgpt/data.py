@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import http.client
 import itertools
 import json
 import os
@@ -51,8 +52,11 @@ def download(url: str, target: Path, sha256: str, timeout: float = 30.0) -> None
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:
                 data = response.read()
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", e)
+            if isinstance(e, http.client.IncompleteRead):  # cut off before Content-Length bytes
+                expected = "" if e.expected is None else f" of {len(e.partial) + e.expected}"
+                reason = f"the connection closed after {len(e.partial)}{expected} bytes"
             raise UserError(f"could not download {url} to {target} ({reason}); {hint}") from None
         digest = hashlib.sha256(data).hexdigest()
         if digest != sha256:
@@ -265,6 +269,40 @@ class ConsecutiveWindows(_Windows):
         return self._window(i * self.block_size)
 
 
+class ValidationShardSampler(DistributedSampler):
+    """Each process's share of the validation windows: a run of whole batches, every window once.
+
+    Lightning's DistributedSampler pads the windows to a multiple of the process count by repeating
+    some, so val/loss would depend on how many processes validate. Here the batches one process
+    would see are split into contiguous shards, one per process, so each batch (the short last one
+    too) holds the same windows whatever the number of processes, and GPTModule's mean weighted by
+    targets is the one-process loss. Being a DistributedSampler, Lightning uses it as it is.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int):
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        super().__init__(
+            dataset,
+            num_replicas=None if distributed else 1,
+            rank=None if distributed else 0,
+            shuffle=False,
+        )
+        batches = -(-len(dataset) // batch_size)
+        if batches < self.num_replicas:
+            # A process without a batch would skip validation, and the others wait for it forever.
+            raise UserError(
+                f"the validation split has {batches} batches of data.batch_size={batch_size}, fewer than "
+                f"the {self.num_replicas} processes, which need one each; use a larger data.val_fraction, "
+                "a smaller data.batch_size or fewer devices"
+            )
+        first, last = (batches * rank // self.num_replicas for rank in (self.rank, self.rank + 1))
+        self.start, self.stop = first * batch_size, min(last * batch_size, len(dataset))
+        self.num_samples, self.total_size = self.stop - self.start, len(dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+
 class CharDataModule(L.LightningDataModule):
     """Character blocks of a UTF-8 corpus: Tiny Shakespeare unless `path` names another file.
 
@@ -358,6 +396,7 @@ class CharDataModule(L.LightningDataModule):
         return DataLoader(
             self.val_set,
             batch_size=self.batch_size,
+            sampler=ValidationShardSampler(self.val_set, self.batch_size),
             num_workers=self.num_workers,
             generator=self._loader_generator(),
         )

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+
+# atomic_write's temporary files are `.<target name>.<mkstemp's 8 random characters>.micropgpt.tmp`:
+# hidden, beside their target, and named so that no file of anyone else's is taken for one.
+TEMPORARY_SUFFIX = ".micropgpt.tmp"
+_TEMPORARY_NAME = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(TEMPORARY_SUFFIX))
 
 
 def atomic_write(target: Path, write) -> None:
@@ -15,7 +22,7 @@ def atomic_write(target: Path, write) -> None:
     is removed and `target` is untouched.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMPORARY_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -25,6 +32,27 @@ def atomic_write(target: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporary_files(directories: Iterable[Path]) -> list[Path]:
+    """Remove the temporary files that atomic_writes killed before their rename left in `directories`
+    (not in their subdirectories); return their paths.
+
+    Only where no atomic_write can be running: a run's own directories, as the run starts.
+    """
+    removed = []
+    for directory in dict.fromkeys(directories):
+        if not directory.is_dir():
+            continue
+        for path in sorted(directory.iterdir()):
+            if not (_TEMPORARY_NAME.fullmatch(path.name) and path.is_file() and not path.is_symlink()):
+                continue
+            try:
+                path.unlink()
+            except OSError:  # a read-only dir: the run's first write there will say so
+                continue
+            removed.append(path)
+    return removed
 
 
 def claim_new_dir(path: Path) -> Path:

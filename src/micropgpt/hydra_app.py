@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.types import Quote, QuotedString
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -42,7 +44,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from micropgpt.errors import UserError, find_user_error
-from micropgpt.files import claim_new_dir
+from micropgpt.files import claim_new_dir, remove_stale_temporary_files
 from micropgpt.interrupts import TrainingInterrupted
 from micropgpt.model import GPTConfig
 from micropgpt.resume import check_resumable, resolve_ckpt_path
@@ -160,6 +162,15 @@ def best_val_loss(trainer: L.Trainer) -> float | None:
     return None if best is None else best.item()
 
 
+def remove_interrupted_writes(trainer: L.Trainer) -> None:
+    """Remove what writes killed before their rename (a SIGKILL, a power cut) left in the run's dirs."""
+    dirs = [HydraConfig.get().runtime.output_dir, *(c.dirpath for c in trainer.checkpoint_callbacks)]
+    removed = remove_stale_temporary_files(Path(d) for d in dirs if d)
+    if removed:
+        paths = ", ".join(map(str, removed))
+        print(f"note: removed {len(removed)} temporary file(s) of killed writes: {paths}", file=sys.stderr)
+
+
 def train(cfg: DictConfig, python_api: bool = False) -> float | None:
     """Build every object of the composed conf/train.yaml from its `_target_`, fit, write result.json.
 
@@ -175,6 +186,8 @@ def train(cfg: DictConfig, python_api: bool = False) -> float | None:
         callbacks=[instantiate(c) for c in cfg.callbacks.values()],
     )
     refuse_script_relaunch(trainer, python_api)
+    if rank_zero_only.rank == 0:  # once per run, before any of its processes writes a file
+        remove_interrupted_writes(trainer)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, Path(trainer.checkpoint_callback.dirpath))
     if ckpt_path is not None:
         check_resumable(ckpt_path, module)
@@ -285,34 +298,60 @@ class SweepSummary(Callback):
 
 
 class OwnRunDir(Callback):
-    """Gives every run a run dir of its own, and stops in one line when it cannot be written.
+    """Gives every run and sweep a dir of its own, and stops in one line when it cannot be written.
 
-    The default run dir, outputs/DATE/TIME, has a resolution of one second: two runs started in
-    the same second would share it. When hydra.run.dir depends on ${now:}, the dir is claimed
-    with claim_new_dir (a second run of the same second gets TIME-1). A hydra.run.dir without
-    ${now:} is used as it is: a resumed run, a DDP child process, a SLURM job's own dir. So is
-    the dir of a process that torchrun or SLURM started as one of several (see on_first_process):
-    they must all arrive at the same dir without talking to each other.
+    The default dirs, outputs/DATE/TIME and outputs/multirun/DATE/TIME, have a resolution of one
+    second: two runs or two sweeps started in the same second would share one. When hydra.run.dir
+    (hydra.sweep.dir) depends on ${now:}, the dir is claimed with claim_new_dir (a second one of the
+    same second gets TIME-1). A dir without ${now:} is used as it is: a resumed run, a DDP child
+    process, a SLURM job's own dir. So is the dir of a process that torchrun or SLURM started as one
+    of several (see on_first_process): they must all arrive at the same dir without talking to each other.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        run_dir = Path(config.hydra.run.dir)
-        time_based = "${now:" in OmegaConf.to_container(config.hydra.run, resolve=False)["dir"]
+        claimed = self._own_dir(config.hydra, "run")
+        if claimed is not None:
+            with open_dict(config.hydra.run):
+                config.hydra.run.dir = claimed
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        # Before the sweeper and launcher read hydra.sweep.dir (instantiated after this callback).
+        claimed = self._own_dir(config.hydra, "sweep")
+        if claimed is None:
+            return
+        with open_dict(config.hydra):
+            config.hydra.sweep.dir = claimed
+            # The launchers compose each job's config again from these overrides, where ${now:}
+            # would give the unclaimed dir (Hydra's load_sweep_config): the claimed one goes last.
+            overrides = [o for o in config.hydra.overrides.hydra if not o.startswith("hydra.sweep.dir=")]
+            config.hydra.overrides.hydra = [*overrides, f"hydra.sweep.dir={override_value(claimed)}"]
+
+    @staticmethod
+    def _own_dir(hydra_config: DictConfig, mode: str) -> str | None:
+        """The dir claimed for hydra.{mode}.dir when it is time-based, else None once it is writable."""
+        path = Path(hydra_config[mode].dir)
+        time_based = "${now:" in OmegaConf.to_container(hydra_config[mode], resolve=False)["dir"]
         try:
             one_of_several = "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
             if time_based and not one_of_several:
-                with open_dict(config.hydra.run):
-                    config.hydra.run.dir = str(claim_new_dir(run_dir))
-            else:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                tempfile.TemporaryFile(dir=run_dir).close()
+                return str(claim_new_dir(path))
+            path.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=path).close()
         except OSError as e:
             _stop(
                 UserError(
-                    f"run directory {run_dir} cannot be written ({e.strerror}); "
-                    "pass hydra.run.dir=<a writable directory>"
+                    f"{mode} directory {path} cannot be written ({e.strerror}); "
+                    f"pass hydra.{mode}.dir=<a writable directory>"
                 )
             )
+        return None
+
+
+def override_value(text: str) -> str:
+    """`text` as the value of a Hydra command-line override: quoted, and with no interpolation."""
+    # OmegaConf reads `\${` as a literal `${`, and backslashes before it in pairs.
+    literal = re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + r"\${", text)
+    return QuotedString(text=literal, quote=Quote.single).with_quotes()
 
 
 # --- optional Hydra plugins ---------------------------------------------------------------------

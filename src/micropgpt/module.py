@@ -74,6 +74,12 @@ class GPTModule(L.LightningModule):
         self._tokens_since_log = 0
         self._last_log_time: float | None = None
 
+    def setup(self, stage: str) -> None:
+        # Sums in float64: in float32 a sum of many batches keeps about 7 digits, and where it
+        # rounds depends on how the batches are split between processes. MPS has no float64.
+        if self.trainer.strategy.root_device.type != "mps":
+            self.val_loss.set_dtype(torch.float64)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         return self.model(idx, targets)
 
