@@ -317,6 +317,42 @@ def test_ckpt_path_last_and_auto_find_last_ckpt_and_only_auto_may_start_afresh(r
         resolve_ckpt_path(str(tmp_path / "nowhere.ckpt"), checkpoints)
 
 
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """`tag` by step over every TensorBoard event file of the run (a resumed run writes two)."""
+    values = {}
+    for event_file in run_dir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(event_file), size_guidance={"scalars": 0}).Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            values.update({event.step: event.value for event in accumulator.Scalars(tag)})
+    return values
+
+
+def test_an_extended_run_follows_the_resumed_commands_schedule_and_says_what_changed(tiny, tmp_path):
+    """Trained 40 steps of a 40-step cosine, then resumed to 80 with another lr: from step 40 the lr
+    is the 80-step schedule's at the new lr, as in a run configured so from the start."""
+    cosine = ["scheduler=cosine", "scheduler.warmup_steps=10"]
+    extended, fresh = tmp_path / "extended", tmp_path / "fresh"
+    assert train(tiny(extended, *cosine, "optimizer.lr=1e-3", "trainer.max_steps=40")).returncode == 0
+    new_config = [*cosine, "optimizer.lr=2e-3", "trainer.max_steps=80"]
+    result = train(tiny(extended, *new_config, "ckpt_path=last"))
+    assert result.returncode == 0, result.stderr
+    [note] = [line for line in result.stderr.splitlines() if line.startswith("note: resuming with")]
+    assert "decay_steps 40 -> 80" in note and "lr 0.001 -> 0.002" in note, note
+    assert train(tiny(fresh, *new_config)).returncode == 0
+
+    tag = "lr-AdamW/matrices"
+    resumed = {step: lr for step, lr in scalars(extended, tag).items() if step > 40}
+    assert len(resumed) >= 7 and len(set(resumed.values())) == len(resumed)  # still decaying
+    assert resumed == {step: lr for step, lr in scalars(fresh, tag).items() if step > 40}
+
+
+def test_an_unchanged_resume_prints_no_note(reference, tiny, tmp_path):
+    run_dir = shutil.copytree(reference, tmp_path / "run")
+    result = train(tiny(run_dir, "trainer.max_steps=61", "ckpt_path=last"))
+    assert result.returncode == 0, result.stderr
+    assert "note: resuming with" not in result.stderr
+
+
 class CallsCode:
     """Unpickling this runs a shell command: what a hostile checkpoint does."""
 

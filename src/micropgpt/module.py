@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric, MinMetric
 
 from micropgpt.model import GPT, GPTConfig
 from micropgpt.optim import MUON_GROUP
+from micropgpt.resume import follow_config, optimizer_settings
 
 OptimizerFactory = Callable[[Iterable[dict]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
@@ -73,6 +74,8 @@ class GPTModule(L.LightningModule):
         self.val_loss_best.persistent(True)
         self._tokens_since_log = 0
         self._last_log_time: float | None = None
+        self._configured_optimizer: list[dict] = []  # optimizer_settings at step 0, for a resume
+        self._saved_schedules: list[dict] | None = None  # a resumed checkpoint's, until on_train_start
 
     def setup(self, stage: str) -> None:
         # Sums in float64: in float32 a sum of many batches keeps about 7 digits, and where it
@@ -141,9 +144,20 @@ class GPTModule(L.LightningModule):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A resume follows this command's schedule (resume.follow_config, at on_train_start, once
+        # Lightning restored the optimizer): Lightning would load the checkpoint's, old settings and all.
+        self._saved_schedules, checkpoint["lr_schedulers"] = checkpoint.get("lr_schedulers", []), []
+
+    def on_train_start(self) -> None:
+        if self._saved_schedules is not None:
+            follow_config(self.trainer, self._configured_optimizer, self._saved_schedules)
+            self._saved_schedules = None
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(parameter_groups(self.model))
-        if self.scheduler_factory is None:
+        scheduler = None if self.scheduler_factory is None else self.scheduler_factory(optimizer)
+        self._configured_optimizer = optimizer_settings(optimizer)  # with the schedule's step-0 lr
+        if scheduler is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
