@@ -8,6 +8,7 @@ and broken inputs must give one `error:` line, a non-zero exit, and leave earlie
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import resource
@@ -73,7 +74,10 @@ def reference(tiny, tmp_path_factory) -> Path:
 
 
 def val_losses(run_dir: Path) -> dict[int, float]:
-    """val/loss by step over every TensorBoard event file of the run (a resumed run writes two)."""
+    """val/loss by step over every TensorBoard event file of the run (a resumed run writes two).
+
+    Lightning logs a validation after step N at step N - 1 (its count of batches stepped before).
+    """
     losses = {}
     for event_file in run_dir.rglob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(event_file), size_guidance={"scalars": 0}).Reload()
@@ -266,20 +270,54 @@ def test_sigterm_and_sigint_save_last_ckpt_and_the_printed_command_resumes_exact
     proc = subprocess.Popen(tiny(run_dir), cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True)
     wait_for_step(proc, last, 20)
     proc.send_signal(signal.SIGUSR1)
-    wait_for(proc, (tmp_path / "scontrol.args").exists, "the requeue")
+    requeued = tmp_path / "scontrol.args"
+    wait_for(proc, lambda: requeued.exists() and requeued.read_text().strip(), "the requeue")
     assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
     resume = stop_with(proc, "SIGTERM", last)
+    stops = [read_checkpoint(last)["global_step"]]
     hpc_step = read_checkpoint(run_dir / "hpc_ckpt_1.ckpt")["global_step"]
-    assert 20 <= hpc_step <= read_checkpoint(last)["global_step"] < 60
+    assert 20 <= hpc_step <= stops[0] < 60
+    result = json.loads((run_dir / "result.json").read_text())
+    assert (result["status"], result["steps"]) == ("interrupted", stops[0])
 
     proc = subprocess.Popen(resume, cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True)
     wait_for_step(proc, last, 40)
     resume = stop_with(proc, "SIGINT", last)
+    stops.append(read_checkpoint(last)["global_step"])
+    assert json.loads((run_dir / "result.json").read_text())["steps"] == stops[1]
 
     result = train(resume, env=env)
     assert result.returncode == 0, result.stderr
-    assert val_losses(run_dir) == val_losses(reference)  # at steps 20, 40 and 60
+    # The values, not their steps: resumed from a stop between two validations, Lightning counts
+    # one batch fewer and logs one step lower than the uninterrupted run.
+    losses, expected = val_losses(run_dir).values(), val_losses(reference).values()
+    assert set(expected) <= set(losses)  # at steps 20, 40 and 60
+    assert len(losses) == len(expected) + sum(step % 20 != 0 for step in stops)  # each stop's own
     assert_same_weights(run_dir, reference)
+
+
+# --- the end of training ---
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [["trainer.max_steps=30"], ["trainer.max_steps=100000", "+trainer.max_time=00:00:00:04"]],
+    ids=["max_steps", "max_time"],
+)
+def test_the_final_weights_are_validated_and_saved_whatever_step_training_stops_at(tiny, tmp_path, stop):
+    run_dir = tmp_path / "run"
+    result = train(tiny(run_dir, "trainer.val_check_interval=20", *stop))
+    assert result.returncode == 0, result.stderr
+    final = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+    assert final == 30 if stop == ["trainer.max_steps=30"] else 0 < final < 100000
+    losses = {step + 1: loss for step, loss in val_losses(run_dir).items()}  # by the step validated
+    assert max(losses) == final
+    best = read_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    assert best["global_step"] == min(losses, key=losses.get)
+    summary = json.loads((run_dir / "result.json").read_text())
+    assert summary["steps"] == final
+    assert summary["best_val_loss"] == pytest.approx(min(losses.values()))
+    assert f"last val/loss: {losses[final]:.4f} (step {final})" in result.stdout
 
 
 # --- divergence ---

@@ -94,10 +94,18 @@ class GPTModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        trainer = self.trainer
+        last_epoch = trainer.current_epoch + 1 >= trainer.max_epochs > 0
+        if trainer.global_step >= trainer.max_steps > 0 or (
+            last_epoch and batch_idx + 1 >= trainer.num_training_batches
+        ):
+            # Lightning validates when told to stop, not at a max_steps (or end of the last epoch)
+            # between two val_check_intervals: so the final weights are validated and checkpointed.
+            trainer.should_stop = True
         now = time.perf_counter()
         if self._last_log_time is None:
             self._last_log_time, self._tokens_since_log = now, 0
-        elif self.trainer.global_step % self.trainer.log_every_n_steps == 0:
+        elif trainer.global_step % trainer.log_every_n_steps == 0:
             # Tokens this process trained on; with several devices the total is devices x this.
             self.log("train/tokens_per_sec", self._tokens_since_log / (now - self._last_log_time))
             self._last_log_time, self._tokens_since_log = now, 0
