@@ -15,6 +15,7 @@ import resource
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -28,7 +29,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from micropgpt.checkpoint import load_checkpoint, read_checkpoint
 from micropgpt.errors import UserError
-from micropgpt.files import claim_new_dir
+from micropgpt.files import atomic_write, claim_new_dir
 from micropgpt.module import GPTModule
 from micropgpt.optim import MuonWithAdamW
 from micropgpt.resume import check_resumable, resolve_ckpt_path
@@ -188,6 +189,19 @@ def kill_mid_write(target: Path) -> Path:
     proc.communicate()
     (left,) = set(target.parent.iterdir()) - before
     return left
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomically_written_files_get_the_mode_that_open_gives(tmp_path, umask):
+    """Checkpoints, caches and result files, in a dir shared by a group (umask 002) too."""
+    previous = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "atomic.json", lambda f: f.write(b"{}"))
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    modes = {stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("atomic.json", "plain.json")}
+    assert modes == {0o666 & ~umask}
 
 
 def test_a_run_starting_in_a_run_dir_removes_only_the_temporary_files_of_killed_writes(tiny, tmp_path):
