@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import socket
 import subprocess
 import sys
@@ -89,6 +90,23 @@ def test_resume_continues_at_the_saved_global_step(tiny_run, tmp_path, corpus):
     # The weights and optimizer continued: no jump back to the untrained loss of about 4.17.
     first_loss = resumed.Scalars("train/loss")[0].value
     assert first_loss < events(tiny_run).Scalars("train/loss")[0].value - 0.3
+
+
+def test_a_callback_set_to_null_is_left_out(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    run_train(run_dir, *TINY, "trainer.max_steps=20", f"data.path={corpus}", "callbacks.text_samples=null")
+    accumulator = events(run_dir)
+    assert steps(accumulator, "val/loss") and "lr-AdamW/matrices" in accumulator.Tags()["scalars"]
+    assert "samples/text_summary" not in accumulator.Tags()["tensors"]
+
+
+def test_logger_null_trains_and_checkpoints_without_a_logger(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    run_train(run_dir, *TINY, "trainer.max_steps=20", f"data.path={corpus}", "logger=null")
+    assert not list(run_dir.rglob("events.out.tfevents.*"))
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "ok" and result["best_val_loss"] < 4.2
 
 
 def test_cfg_job_shows_the_seed_defaults():

@@ -37,6 +37,7 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -171,6 +172,15 @@ def remove_interrupted_writes(trainer: L.Trainer) -> None:
         print(f"note: removed {len(removed)} temporary file(s) of killed writes: {paths}", file=sys.stderr)
 
 
+def instantiate_callbacks(callbacks: DictConfig, logger: Any) -> list[L.Callback]:
+    """conf/callbacks' callbacks, less those set to null (`callbacks.<name>=null`), and without a
+    logger (`logger=null`) less LearningRateMonitor, which refuses a Trainer that has none."""
+    instances = [instantiate(callback) for callback in callbacks.values() if callback is not None]
+    if not logger:
+        instances = [c for c in instances if not isinstance(c, LearningRateMonitor)]
+    return instances
+
+
 def train(cfg: DictConfig, python_api: bool = False) -> float | None:
     """Build every object of the composed conf/train.yaml from its `_target_`, fit, write result.json.
 
@@ -180,11 +190,8 @@ def train(cfg: DictConfig, python_api: bool = False) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module, vocab=datamodule.vocab, _convert_="all")
-    trainer = instantiate(
-        cfg.trainer,
-        logger=instantiate(cfg.logger),
-        callbacks=[instantiate(c) for c in cfg.callbacks.values()],
-    )
+    logger = instantiate(cfg.get("logger")) or False  # logger=null; the Trainer's None is a default one
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=instantiate_callbacks(cfg.callbacks, logger))
     refuse_script_relaunch(trainer, python_api)
     if rank_zero_only.rank == 0:  # once per run, before any of its processes writes a file
         remove_interrupted_writes(trainer)
@@ -362,6 +369,16 @@ def override_value(text: str) -> str:
     # OmegaConf reads `\${` as a literal `${`, and backslashes before it in pairs.
     literal = re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + r"\${", text)
     return QuotedString(text=literal, quote=Quote.single).with_quotes()
+
+
+def null_groups_removed(argv: list[str]) -> list[str]:
+    """`argv` with each `GROUP=null` of a conf/ config group (`logger=null`) as Hydra's `~GROUP`.
+
+    null turns a key off (`callbacks.text_samples=null`); Hydra refuses it for a config group
+    ("Config group override must be a string or a list"), whose removal it spells `~GROUP`.
+    """
+    removals = {f"{path.name}=null": f"~{path.name}" for path in CONF_DIR.iterdir() if path.is_dir()}
+    return [removals.get(arg, arg) for arg in argv]
 
 
 # --- optional Hydra plugins ---------------------------------------------------------------------
