@@ -405,6 +405,28 @@ def test_an_unchanged_resume_prints_no_note(reference, tiny, tmp_path):
     assert "note: resuming with" not in result.stderr
 
 
+def test_ckpt_path_last_and_auto_take_the_newest_of_last_ckpt_and_slurms_hpc_checkpoints(tmp_path):
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    hpc = [run_dir / "hpc_ckpt_1.ckpt", run_dir / "hpc_ckpt_2.ckpt"]
+    last = checkpoints / "last.ckpt"
+
+    def write(path: Path, mtime: int) -> None:
+        path.write_bytes(b"")
+        os.utime(path, (mtime, mtime))
+
+    write(hpc[0], 1000)  # Lightning's on SLURM's SIGUSR1, before the requeue
+    write(hpc[1], 2000)
+    for ckpt_path in ("last", "auto"):
+        assert resolve_ckpt_path(ckpt_path, checkpoints, hpc_dir=run_dir) == hpc[1]
+    write(last, 1500)  # older than hpc_ckpt_2: the validation before the SIGUSR1
+    assert resolve_ckpt_path("last", checkpoints, hpc_dir=run_dir) == hpc[1]
+    write(last, 3000)  # newer, as StopOnSignal writes it on the SIGTERM that follows
+    for ckpt_path in ("last", "auto"):
+        assert resolve_ckpt_path(ckpt_path, checkpoints, hpc_dir=run_dir) == last
+
+
 class CallsCode:
     """Unpickling this runs a shell command: what a hostile checkpoint does."""
 

@@ -195,7 +195,8 @@ def train(cfg: DictConfig, python_api: bool = False) -> float | None:
     refuse_script_relaunch(trainer, python_api)
     if rank_zero_only.rank == 0:  # once per run, before any of its processes writes a file
         remove_interrupted_writes(trainer)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, Path(trainer.checkpoint_callback.dirpath))
+    checkpoint_dir, run_dir = Path(trainer.checkpoint_callback.dirpath), Path(trainer.default_root_dir)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir, hpc_dir=run_dir)
     if ckpt_path is not None:
         check_resumable(ckpt_path, module)
     interruption = None

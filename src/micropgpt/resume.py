@@ -37,15 +37,21 @@ def last_checkpoint(trainer: L.Trainer) -> Path:
     return Path(directory) / LAST
 
 
-def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path) -> Path | None:
-    """The checkpoint to resume from: `last` is `checkpoint_dir`/last.ckpt, which must exist;
-    `auto` is the same when it exists, else None (a fresh start); anything else is a file."""
+def resolve_ckpt_path(
+    ckpt_path: str | None, checkpoint_dir: Path, hpc_dir: Path | None = None
+) -> Path | None:
+    """The checkpoint to resume from: `last` is the newest of `checkpoint_dir`/last.ckpt and the
+    hpc_ckpt_N.ckpt files in `hpc_dir` (Lightning's, on SLURM's SIGUSR1 before a requeue), one of
+    which must exist; `auto` is the same when one exists, else None (a fresh start); anything else
+    is a file."""
     if ckpt_path is None:
         return None
     if ckpt_path in ("last", "auto"):
         last = checkpoint_dir / LAST
-        if last.is_file():
-            return last
+        candidates = [last, *(sorted(hpc_dir.glob("hpc_ckpt_*.ckpt")) if hpc_dir is not None else [])]
+        existing = [path for path in candidates if path.is_file()]
+        if existing:
+            return max(existing, key=lambda path: path.stat().st_mtime_ns)  # of equals, the first
         if ckpt_path == "auto":
             return None
         raise UserError(
