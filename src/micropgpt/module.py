@@ -134,7 +134,9 @@ class GPTModule(L.LightningModule):
                 "val/bpc_best": best / math.log(2),
             },
             prog_bar=False,
-            # Already equal on every rank (compute() synchronised them); this tells Lightning so.
+            # compute() synchronised them, so every rank holds the same values; sync_dist averages
+            # them once more (the same values again, up to rounding) and keeps Lightning from
+            # warning that epoch-level values logged without it are not accumulated across ranks.
             sync_dist=True,
         )
         self.log("val_loss", loss, prog_bar=True, logger=False, sync_dist=True)
