@@ -22,12 +22,14 @@ import threading
 import time
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch
 from conftest import ROOT, TINY
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from micropgpt.checkpoint import load_checkpoint, read_checkpoint
+from micropgpt.checkpoint_io import AtomicCheckpointIO
 from micropgpt.errors import UserError
 from micropgpt.files import atomic_write, claim_new_dir
 from micropgpt.module import GPTModule
@@ -175,6 +177,26 @@ def test_sigkill_even_mid_write_leaves_a_loadable_last_ckpt_and_resuming_matches
     # Each resume removed what the kill before it left; so did the last one.
     assert temp_files(checkpoints) == set()
     assert ("note: removed" in result.stderr) == bool(left_by_kills)
+
+
+def test_checkpoints_to_a_url_are_written_by_fsspec_not_into_a_local_folder(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = {"state_dict": {"w": torch.arange(4.0)}}
+    AtomicCheckpointIO().save_checkpoint(checkpoint, "memory://bucket/run/last.ckpt")
+    with fsspec.open("memory://bucket/run/last.ckpt", "rb") as f:
+        assert torch.equal(torch.load(f, weights_only=True)["state_dict"]["w"], torch.arange(4.0))
+    assert list(tmp_path.iterdir()) == []  # no memory:/bucket/run folder
+
+    # A whole run: the same Lightning writer for best.ckpt and last.ckpt, nothing local.
+    result = train(
+        tiny(tmp_path / "run", "trainer.max_steps=20", "callbacks.checkpoint.dirpath=memory://ckpts")
+    )
+    assert result.returncode == 0, result.stderr
+    best = json.loads((tmp_path / "run" / "result.json").read_text())["best_checkpoint"]
+    assert best == "memory://ckpts/best.ckpt"
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (ROOT / "memory:").exists()
+    refused = train(tiny(tmp_path / "run", "callbacks.checkpoint.dirpath=memory://ckpts", "ckpt_path=last"))
+    assert_one_error_line(refused, "ckpt_path=last: resuming reads local files only, and memory://ckpts/")
 
 
 def kill_mid_write(target: Path) -> Path:

@@ -44,6 +44,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from micropgpt.checkpoint_io import is_url
 from micropgpt.errors import UserError, find_user_error
 from micropgpt.files import claim_new_dir, remove_stale_temporary_files
 from micropgpt.interrupts import TrainingInterrupted
@@ -166,7 +167,7 @@ def best_val_loss(trainer: L.Trainer) -> float | None:
 def remove_interrupted_writes(trainer: L.Trainer) -> None:
     """Remove what writes killed before their rename (a SIGKILL, a power cut) left in the run's dirs."""
     dirs = [HydraConfig.get().runtime.output_dir, *(c.dirpath for c in trainer.checkpoint_callbacks)]
-    removed = remove_stale_temporary_files(Path(d) for d in dirs if d)
+    removed = remove_stale_temporary_files(Path(d) for d in dirs if d and not is_url(d))
     if removed:
         paths = ", ".join(map(str, removed))
         print(f"note: removed {len(removed)} temporary file(s) of killed writes: {paths}", file=sys.stderr)
@@ -195,7 +196,7 @@ def train(cfg: DictConfig, python_api: bool = False) -> float | None:
     refuse_script_relaunch(trainer, python_api)
     if rank_zero_only.rank == 0:  # once per run, before any of its processes writes a file
         remove_interrupted_writes(trainer)
-    checkpoint_dir, run_dir = Path(trainer.checkpoint_callback.dirpath), Path(trainer.default_root_dir)
+    checkpoint_dir, run_dir = trainer.checkpoint_callback.dirpath, Path(trainer.default_root_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir, hpc_dir=run_dir)
     if ckpt_path is not None:
         check_resumable(ckpt_path, module)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from micropgpt.checkpoint import read_checkpoint
+from micropgpt.checkpoint_io import is_url
 from micropgpt.errors import UserError
 
 LAST = "last.ckpt"
@@ -38,7 +39,7 @@ def last_checkpoint(trainer: L.Trainer) -> Path:
 
 
 def resolve_ckpt_path(
-    ckpt_path: str | None, checkpoint_dir: Path, hpc_dir: Path | None = None
+    ckpt_path: str | None, checkpoint_dir: Path | str, hpc_dir: Path | None = None
 ) -> Path | None:
     """The checkpoint to resume from: `last` is the newest of `checkpoint_dir`/last.ckpt and the
     hpc_ckpt_N.ckpt files in `hpc_dir` (Lightning's, on SLURM's SIGUSR1 before a requeue), one of
@@ -46,8 +47,14 @@ def resolve_ckpt_path(
     is a file."""
     if ckpt_path is None:
         return None
+    if is_url(ckpt_path) or (ckpt_path in ("last", "auto") and is_url(checkpoint_dir)):
+        where = ckpt_path if is_url(ckpt_path) else f"{checkpoint_dir}/{LAST}"
+        raise UserError(
+            f"ckpt_path={ckpt_path}: resuming reads local files only, and {where} is a URL; copy the "
+            "checkpoint to a local file and pass ckpt_path=<that file>"
+        )
     if ckpt_path in ("last", "auto"):
-        last = checkpoint_dir / LAST
+        last = Path(checkpoint_dir) / LAST
         candidates = [last, *(sorted(hpc_dir.glob("hpc_ckpt_*.ckpt")) if hpc_dir is not None else [])]
         existing = [path for path in candidates if path.is_file()]
         if existing:
