@@ -4,13 +4,20 @@ its checkpointed state."""
 from __future__ import annotations
 
 import copy
+import json
+import os
+import socket
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.optim.lr_scheduler import LambdaLR
 
 from micropgpt.errors import UserError
-from micropgpt.model import GPT, GPTConfig
+from micropgpt.model import GPT, Block, GPTConfig
 from micropgpt.module import parameter_groups
 from micropgpt.optim import MuonWithAdamW
 
@@ -102,3 +109,47 @@ def test_adamw_state_is_refused_with_a_clear_error():
     optimizer = MuonWithAdamW(parameter_groups(model), **HYPERPARAMETERS)
     with pytest.raises(UserError, match="optimizer=adamw"):
         optimizer.load_state_dict(adamw_state)
+
+
+def _group_under_fsdp(rank: int, port: int, out_dir: Path) -> None:
+    """One of two CPU processes (gloo) holding a GPT under FSDP's FULL_SHARD, as trainer=fsdp wraps
+    it (one unit per Block, use_orig_params as Lightning sets it); writes what grouping made of it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = tiny_gpt()
+        FSDP(
+            model,
+            auto_wrap_policy=ModuleWrapPolicy({Block}),
+            use_orig_params=True,
+            device_id=torch.device("cpu"),
+        )
+        names = {id(p): name.replace("_fsdp_wrapped_module.", "") for name, p in model.named_parameters()}
+        report = {
+            "dims": sorted({p.dim() for p in model.parameters()}),
+            "groups": {g["name"]: [names[id(p)] for p in g["params"]] for g in parameter_groups(model)},
+        }
+        try:
+            MuonWithAdamW(parameter_groups(model), **HYPERPARAMETERS)
+        except UserError as e:
+            report["muon"] = str(e)
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_parameter_groups_are_the_same_under_fsdp_and_muon_is_refused_there(tmp_path):
+    """With FSDP every parameter is a flattened 1-D shard: grouping by shape put every matrix in
+    no_decay and the embedding tables in two groups."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_group_under_fsdp, args=(port, tmp_path), nprocs=2)
+    model = tiny_gpt()
+    names = {id(p): name for name, p in model.named_parameters()}
+    expected = {g["name"]: [names[id(p)] for p in g["params"]] for g in parameter_groups(model)}
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["dims"] == [1]  # so no shape tells a matrix from a bias
+        assert report["groups"] == expected
+        assert "optimizer=muon orthogonalises whole weight matrices" in report["muon"]

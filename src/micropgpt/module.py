@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric, MinMetric
@@ -25,17 +26,29 @@ def parameter_groups(model: GPT) -> list[dict]:
     """Three named groups: the blocks' weight matrices, the embedding tables and output head (both
     with weight decay), and biases and LayerNorm gains (without).
 
-    AdamW treats the first two alike; `optimizer=muon` gives the matrices to Muon (micropgpt.optim).
-    The names show up in TensorBoard as lr-AdamW/matrices, lr-AdamW/embeddings, lr-AdamW/no_decay.
+    Chosen by the module and name of each parameter, not by its shape: under FSDP every parameter
+    is a flattened 1-D shard. AdamW treats the first two alike; `optimizer=muon` gives the matrices
+    to Muon (micropgpt.optim). The names show up in TensorBoard as lr-AdamW/matrices,
+    lr-AdamW/embeddings, lr-AdamW/no_decay.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    tables = {id(model.tok_emb.weight), id(model.lm_head.weight)}
-    if model.pos_emb is not None:
-        tables.add(id(model.pos_emb.weight))
+    tables = {model.tok_emb, model.lm_head, model.pos_emb} - {None}
+    groups: dict[str, list[nn.Parameter]] = {MUON_GROUP: [], "embeddings": [], "no_decay": []}
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            if name != "weight" or isinstance(module, nn.LayerNorm):
+                groups["no_decay"].append(param)
+            elif module in tables:
+                groups["embeddings"].append(param)
+            elif isinstance(module, nn.Linear):
+                groups[MUON_GROUP].append(param)
+            else:
+                raise ValueError(f"parameter_groups has no group for {type(module).__name__}.{name}")
     return [
-        {"name": MUON_GROUP, "params": [p for p in params if p.dim() >= 2 and id(p) not in tables]},
-        {"name": "embeddings", "params": [p for p in params if id(p) in tables]},
-        {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"name": MUON_GROUP, "params": groups[MUON_GROUP]},
+        {"name": "embeddings", "params": groups["embeddings"]},
+        {"name": "no_decay", "params": groups["no_decay"], "weight_decay": 0.0},
     ]
 
 

@@ -47,8 +47,14 @@ class MuonWithAdamW(Optimizer):
         groups = list(params)
         matrices = [g for g in groups if g.get("name") == MUON_GROUP]
         others = [g for g in groups if g.get("name") != MUON_GROUP]
-        if not matrices or any(p.dim() != 2 for g in matrices for p in g["params"]):
-            raise ValueError(f"MuonWithAdamW needs a parameter group named {MUON_GROUP!r} of 2-D weights")
+        if not matrices:
+            raise ValueError(f"MuonWithAdamW needs a parameter group named {MUON_GROUP!r}")
+        if any(p.dim() != 2 for g in matrices for p in g["params"]):
+            raise UserError(
+                "optimizer=muon orthogonalises whole weight matrices, and under FSDP (trainer=fsdp) each "
+                "process holds flattened 1-D shards of them; use optimizer=adamw with FSDP, or "
+                "optimizer=muon with another strategy (ddp)"
+            )
         defaults = {"lr": lr, "weight_decay": weight_decay}
         super().__init__(groups, defaults)
         self.muon = torch.optim.Muon(
