@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 
 
@@ -48,6 +49,9 @@ class RankReport(L.Callback):
             inputs, _ = batch
             self.report["batch_shape"] = list(inputs.shape)
             self.report["first_batch"] = inputs.tolist()
+            # The mask dropout would draw now, from a copy of the generator: training is unchanged.
+            with torch.random.fork_rng(devices=[]):
+                self.report["dropout_mask"] = (torch.nn.functional.dropout(torch.ones(64), 0.5) > 0).tolist()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:

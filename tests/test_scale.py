@@ -117,8 +117,28 @@ def test_ddp_ranks_agree_on_validation_and_train_on_different_windows(ddp_run):
         assert report["sampler"] == {"type": "RandomWindowSampler", "num_replicas": 2, "rank": rank}
         assert report["batch_shape"] == [16, 32]  # data.batch_size is per device
     assert rank0["first_batch"] != rank1["first_batch"]
+    assert rank0["dropout_mask"] != rank1["dropout_mask"]  # each rank its own seed + rank
     logged = EventAccumulator(str(tensorboard_folder(run_dir))).Reload().Scalars("val/loss")
     assert [e.value for e in logged] == pytest.approx(rank0["val_loss"])
+
+
+def test_a_ddp_run_resumed_on_two_processes_ends_with_the_uninterrupted_runs_weights(
+    ddp_run, tmp_path, corpus
+):
+    """Trained to step 20, then resumed to 40: each rank's dropout stream, saved in last.ckpt,
+    continues where it was, so the weights are those of ddp_run's 40 steps, bit for bit."""
+    _, reference, _ = ddp_run
+    run_dir = tmp_path / "resumed"
+    ddp = [*QUICK, f"data.path={corpus}", *ON_CPU_TWICE, "trainer.strategy=ddp"]
+    data_dir = tmp_path / "data"
+    run_train(run_dir, *ddp, "trainer.max_steps=20", data_dir=data_dir)
+    run_train(run_dir, *ddp, "trainer.max_steps=40", "ckpt_path=last", data_dir=data_dir)
+    weights = [
+        torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for run in (run_dir, reference)
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    assert [key for key in weights[0] if not torch.equal(weights[0][key], weights[1][key])] == []
 
 
 # --- Validation: the same val/loss on any number of processes ----------------------------------
@@ -250,6 +270,7 @@ def test_torchrun_two_nodes_make_one_run_dir_written_by_rank_zero(tmp_path, corp
     assert rank0["world_size"] == rank1["world_size"] == 2
     assert rank0["val_loss"] == rank1["val_loss"] and len(rank0["val_loss"]) == 1
     assert rank0["first_batch"] != rank1["first_batch"]
+    assert rank0["dropout_mask"] != rank1["dropout_mask"]  # each rank its own seed + rank
     assert {r["run_dir"] for r in (rank0, rank1)} == {str(run_dir)}
     # Both nodes log to train.log; .hydra/ and everything else come from rank 0 alone.
     assert_written_by_rank_zero_only(run_dir, "train.log")

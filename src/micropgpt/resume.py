@@ -184,16 +184,28 @@ def _group_sizes(optimizer_state: dict) -> dict | list:
 
 
 class RNGState(L.Callback):
-    """Saves the random number generators in each checkpoint and restores them on resume.
+    """Gives each process of a multi-process run its own random stream (so that each draws its own
+    dropout masks, as nanoGPT's seed + rank does), saves the generators in each checkpoint and
+    restores them on resume.
 
     They are restored just before the first training step, where the uninterrupted run's
     generators were in the same state: nothing between a checkpoint and the next step draws
-    from them (the DataLoaders have their own generators, validation no dropout).
-    Under DDP every rank gets rank 0's state, as all ranks start from the same seed anyway.
+    from them (the DataLoaders have their own generators, validation no dropout). Under DDP
+    every rank's torch (and CUDA) generator is saved, gathered into rank 0's checkpoint, and each
+    rank gets its own back when resumed on as many processes; Python's and NumPy's, which
+    training does not draw from, are rank 0's for all.
     """
 
-    def __init__(self):
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self._trainer: L.Trainer | None = None
         self._restore: dict[str, Any] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        if trainer.world_size > 1:
+            # After the model's initialisation, which DDP replaces by rank 0's weights anyway.
+            torch.manual_seed(self.seed + trainer.global_rank)
 
     def state_dict(self) -> dict[str, Any]:
         _, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -205,6 +217,11 @@ class RNGState(L.Callback):
         }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state()
+        if self._trainer is not None and self._trainer.world_size > 1:
+            # Lightning builds the checkpoint on every rank, so all of them are here to gather.
+            strategy = self._trainer.strategy
+            for key in [k for k in ("torch", "cuda") if k in state]:
+                state[f"{key}_by_rank"] = strategy.all_gather(state[key].to(strategy.root_device)).cpu()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -214,10 +231,18 @@ class RNGState(L.Callback):
         if self._restore is None:
             return
         state, self._restore = self._restore, None
-        torch.set_rng_state(state["torch"])
+        torch.set_rng_state(self._own(state, "torch", trainer))
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
         keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
         if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
+            torch.cuda.set_rng_state(self._own(state, "cuda", trainer))
+
+    @staticmethod
+    def _own(state: dict[str, Any], key: str, trainer: L.Trainer) -> torch.Tensor:
+        """This rank's saved generator state; rank 0's when the run had another number of processes."""
+        by_rank = state.get(f"{key}_by_rank")
+        if by_rank is not None and len(by_rank) == trainer.world_size:
+            return by_rank[trainer.global_rank].clone()
+        return state[key]
