@@ -17,6 +17,7 @@ from conftest import ROOT
 from micropgpt import data
 from micropgpt.data import CharDataModule
 from micropgpt.errors import UserError
+from micropgpt.hydra_app import compose
 
 # Cyrillic, CJK and emoji: several bytes per character, so byte and character counts differ.
 TEXT = ("Быть или не быть, вот в чём вопрос. 生存还是毁灭 🎭\n" * 40)[:1500]
@@ -45,6 +46,17 @@ def decode(dm: CharDataModule, ids: torch.Tensor) -> str:
 @pytest.fixture
 def dm(tmp_path) -> CharDataModule:
     return datamodule(write(tmp_path / "corpus" / "text.txt", TEXT), tmp_path / "data")
+
+
+def test_the_order_of_training_windows_follows_the_run_seed_given_as_data_seed(tmp_path):
+    assert compose("train", ["seed=7"]).data.seed == 7  # conf/data: seed: ${seed}
+    corpus = write(tmp_path / "corpus" / "text.txt", TEXT)
+
+    def first_batch(seed: int) -> torch.Tensor:
+        return next(iter(datamodule(corpus, tmp_path / "data", seed=seed).train_dataloader()))[0]
+
+    assert torch.equal(first_batch(7), first_batch(7))
+    assert not torch.equal(first_batch(7), first_batch(8))
 
 
 def test_split_is_80_20_of_characters(dm):

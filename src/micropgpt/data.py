@@ -17,7 +17,6 @@ import hashlib
 import http.client
 import itertools
 import json
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -309,7 +308,7 @@ class CharDataModule(L.LightningDataModule):
     `path` may also be a directory: its .txt files, in sorted order, joined by `separator`.
     Without `path`, the corpus is fetched from `url` into `data_dir` when missing and kept only if
     its SHA-256 is `sha256`. The first `1 - val_fraction` of the characters train, the rest validate.
-    Training windows come in an order fixed by the run's seed (see RandomWindowSampler); the
+    Training windows come in an order fixed by `seed` (see RandomWindowSampler); the
     position in it is saved in checkpoints, so a resumed run continues with the windows the
     interrupted one had next.
     """
@@ -325,6 +324,7 @@ class CharDataModule(L.LightningDataModule):
         url: str = TINY_SHAKESPEARE_URL,
         sha256: str = TINY_SHAKESPEARE_SHA256,
         separator: str = DOCUMENT_SEPARATOR,
+        seed: int = 0,
     ):
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
@@ -337,6 +337,7 @@ class CharDataModule(L.LightningDataModule):
         self.url, self.sha256, self.separator = url, sha256, separator
         self.block_size, self.batch_size = block_size, batch_size
         self.val_fraction, self.num_workers = val_fraction, num_workers
+        self.seed = seed  # the run's: the order of training windows, the DataLoaders' generators
         self.resume_at = (0, 0)  # (epoch, batches trained in it), from a checkpoint
         self.tokenizer: CharTokenizer | None = None
         self.ids_path: Path | None = None
@@ -373,13 +374,8 @@ class CharDataModule(L.LightningDataModule):
         self.train_set = RandomWindows(self.ids_path, dtype, 0, split, self.block_size)
         self.val_set = ConsecutiveWindows(self.ids_path, dtype, split, total, self.block_size)
 
-    @staticmethod
-    def _run_seed() -> int:
-        # seed_everything's seed, as Lightning's own samplers take it.
-        return int(os.environ.get("PL_GLOBAL_SEED", 0))
-
     def train_dataloader(self) -> DataLoader:
-        sampler = RandomWindowSampler(self.train_set, self._run_seed())
+        sampler = RandomWindowSampler(self.train_set, self.seed)
         epoch, batches = self.resume_at
         sampler.resume(epoch, batches * self.batch_size)
         return DataLoader(
@@ -405,11 +401,14 @@ class CharDataModule(L.LightningDataModule):
         # Without one, every new DataLoader iterator (each validation) draws its workers' base
         # seed from the global RNG, and a resumed run, which validates at other moments, would
         # then draw other dropout masks than the uninterrupted one.
-        return torch.Generator().manual_seed(self._run_seed())
+        return torch.Generator().manual_seed(self.seed)
 
     def state_dict(self) -> dict[str, int]:
         # Lightning's count of the batches trained on in this epoch (processed: the optimizer step
-        # is done), as of the checkpoint, whatever the DataLoader had prefetched beyond them.
+        # is done), as of the checkpoint, whatever the DataLoader had prefetched beyond them. The
+        # sampler cannot count them: the DataLoader and Lightning's fetcher draw batches ahead of
+        # training; Lightning 2.6 saves the state of a DataLoader that has one, not of a sampler, and
+        # then as of the prefetched batches. Its loop progress is the count it checkpoints itself.
         loop = self.trainer.fit_loop
         batches = loop.epoch_loop.batch_progress.current.processed
         return {"epoch": loop.epoch_progress.current.processed, "batches": batches}

@@ -138,6 +138,8 @@ def refuse_script_relaunch(trainer: L.Trainer, python_api: bool) -> None:
         return
     launcher = trainer.strategy.launcher
     if (
+        # Lightning has no public name for the launcher that re-runs the command line: in 2.6 it is
+        # _SubprocessScriptLauncher, the launcher of strategy=ddp and of devices>1 with auto.
         isinstance(launcher, _SubprocessScriptLauncher)
         and trainer.num_devices > 1
         and not launcher.cluster_environment.creates_processes_externally
