@@ -7,7 +7,7 @@ weights: speed does not depend on what the weights learned. Batch 1, a 1-charact
 and 2,000 new characters; then 8 samples of 1,000 characters as one batch (generate.py's
 num_samples=8, one random stream per row) against one. Runs alternate between the paths compared,
 so that a change in machine load hits both alike; each line reports the median of the repeats.
---quick only checks that the script runs (1 repeat, 20 characters): its numbers mean nothing.
+--quick only checks that the script runs (1 repeat, 20 characters, short warm-up): its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main() -> None:
         f"model {model.num_parameters() / 1e6:.2f}M parameters, block_size {SEED_MODEL.block_size}"
     )
     for kv_cache in (True, False):  # warm-up: first calls pay one-off allocation and dispatch costs
-        tokens_per_second(model, 2 * SEED_MODEL.block_size, kv_cache, device)
+        tokens_per_second(model, lengths[0] if args.quick else 2 * SEED_MODEL.block_size, kv_cache, device)
 
     for new in lengths:
         rates = {True: [], False: []}
