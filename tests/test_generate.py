@@ -54,6 +54,18 @@ def test_same_command_prints_the_same_text(tiny_run, tmp_path):
     assert run_generate(tmp_path, *command[:-1], "seed=8").stdout != first.stdout
 
 
+def test_several_samples_are_one_reproducible_batch_whose_first_row_is_the_single_sample(tiny_run, tmp_path):
+    command = [f"ckpt={tiny_run}", "prompt=ROMEO:", "max_new_tokens=60", "seed=7"]
+    [single] = samples_of(run_generate(tmp_path, *command).stdout, "ROMEO:")
+    batch = run_generate(tmp_path, *command, "num_samples=3")
+    assert batch.returncode == 0, batch.stderr
+    samples = samples_of(batch.stdout, "ROMEO:")
+    assert samples[0] == single and len(set(samples)) == 3
+    assert SPEED_LINE.match(batch.stderr.strip().splitlines()[-1]).group(1) == "180"
+    assert run_generate(tmp_path, *command, "num_samples=3", "stream=false").stdout == batch.stdout
+    assert run_generate(tmp_path, *command, "num_samples=3").stdout == batch.stdout
+
+
 def test_a_reader_that_stops_early_ends_generation_quietly(tiny_run, tmp_path):
     # `python generate.py ... | head -c 10`: the pipe closes while characters still stream.
     cmd = [sys.executable, str(ROOT / "generate.py"), f"ckpt={tiny_run}", "max_new_tokens=20000"]

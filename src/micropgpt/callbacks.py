@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
+from micropgpt.sampling import sample_batch
 from micropgpt.tokenizer import CharTokenizer
 
 
@@ -39,15 +39,18 @@ class TextSamples(L.Callback):
         if trainer.sanity_checking or logger is None or not self.enabled:
             return
         tokenizer = CharTokenizer(pl_module.hparams.vocab)
-        prompt = torch.tensor([tokenizer.encode(self.prompt)], device=pl_module.device)
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         was_training = pl_module.training
         pl_module.eval()
-        ids = pl_module.model.generate(
-            prompt, self.num_chars, temperature=self.temperature, generator=generator
+        [text] = sample_batch(
+            pl_module.model,
+            tokenizer,
+            self.prompt,
+            1,
+            self.seed,
+            max_new_tokens=self.num_chars,
+            temperature=self.temperature,
         )
         pl_module.train(was_training)
-        text = tokenizer.decode(ids[0].tolist())
         # TensorBoard renders Markdown; indenting every line makes it a verbatim code block.
         logger.experiment.add_text(
             "samples", "\n".join("    " + line for line in text.split("\n")), trainer.global_step

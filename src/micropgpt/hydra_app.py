@@ -197,13 +197,13 @@ def train(cfg: DictConfig, python_api: bool = False) -> float | None:
     best = best_val_loss(trainer)
     if trainer.is_global_zero:
         run_dir = HydraConfig.get().runtime.output_dir
-        tokens_per_sec = trainer.callback_metrics.get("train/tokens_per_sec")
+        tokens_per_sec = trainer.logged_metrics.get("train/device/items_per_sec")  # ThroughputMonitor's
         result = RunResult(
             overrides=HydraConfig.get().job.override_dirname,
             status="ok",
             num_params=module.model.num_parameters(),
             best_val_loss=best,
-            tokens_per_sec=None if tokens_per_sec is None else tokens_per_sec.item(),
+            tokens_per_sec=None if tokens_per_sec is None else float(tokens_per_sec),
             wall_time_s=time.perf_counter() - started,
             best_checkpoint=checkpoint.best_model_path or None,
         )
