@@ -34,6 +34,7 @@ from micropgpt.files import claim_new_dir
 from micropgpt.interrupts import TrainingInterrupted
 from micropgpt.model import GPTConfig
 from micropgpt.resume import check_resumable, resolve_ckpt_path
+from micropgpt.slurm_launch import gpus_per_node
 from micropgpt.summary import RunResult, read_results, write_result, write_summary
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def on_first_process(value):
 # replace=True: Hydra imports this file a second time, as module `train`, for SweepSummary.
 OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
 OmegaConf.register_new_resolver("on_first_process", on_first_process, replace=True)
+OmegaConf.register_new_resolver("slurm_gpus_per_node", gpus_per_node, replace=True)
 
 # Typed schema for the model group, so `model.n_embd=abc` fails at composition. Derived from
 # GPTConfig so the two cannot drift; vocab_size comes from the corpus, not the config. `compile`
