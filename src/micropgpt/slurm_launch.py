@@ -56,8 +56,8 @@ def check_submission(launcher: dict[str, Any]) -> None:
     )
     if test.returncode == 0:
         return
-    refusal = [line for line in test.stderr.splitlines() if line.strip()][-1]
-    refusal = refusal.split("error: ")[-1].removeprefix("allocation failure: ").strip()
+    lines = [line for line in test.stderr.splitlines() if line.strip()] or [f"exit {test.returncode}"]
+    refusal = lines[-1].split("error: ")[-1].removeprefix("allocation failure: ").strip()
     partition = launcher.get("partition")
     gpus = launcher.get("gpus_per_node")
     if "partition" in refusal.lower():
