@@ -43,6 +43,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from micropgpt import slurm_launch
 from micropgpt.errors import UserError, find_user_error
 from micropgpt.files import claim_new_dir, remove_stale_temporary_files
 from micropgpt.interrupts import TrainingInterrupted
@@ -80,6 +81,7 @@ def on_first_process(value):
 # replace=True: a notebook may reload this module.
 OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
 OmegaConf.register_new_resolver("on_first_process", on_first_process, replace=True)
+OmegaConf.register_new_resolver("slurm_gpus_per_node", slurm_launch.gpus_per_node, replace=True)
 
 # --- typed schemas: a wrong type fails at composition ------------------------------------------
 
@@ -345,6 +347,20 @@ class OwnRunDir(Callback):
                 )
             )
         return None
+
+
+class CheckSlurmSubmission(Callback):
+    """Runs check_submission before a sweep on hydra/launcher=slurm submits its jobs."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if config.hydra.launcher.get("_target_") != slurm_launch.SLURM_LAUNCHER:
+            return
+        try:
+            slurm_launch.check_submission(OmegaConf.to_container(config.hydra.launcher, resolve=True))
+        except UserError as e:
+            _stop(e)
+        if not slurm_launch.has_accounting():
+            slurm_launch.poll_with_squeue()
 
 
 def override_value(text: str) -> str:
