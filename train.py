@@ -24,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -58,9 +59,16 @@ def on_first_process(value):
     return value if rank_zero_only.rank == 0 else None
 
 
+def sweep_dir() -> str | None:
+    """The sweep dir of a job of a multirun (-m), None in a single run: how trackers group a sweep."""
+    hydra_config = HydraConfig.get()
+    return hydra_config.sweep.dir if hydra_config.mode == RunMode.MULTIRUN else None
+
+
 # replace=True: Hydra imports this file a second time, as module `train`, for SweepSummary.
 OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
 OmegaConf.register_new_resolver("on_first_process", on_first_process, replace=True)
+OmegaConf.register_new_resolver("sweep_dir", sweep_dir, replace=True)
 
 # Typed schema for the model group, so `model.n_embd=abc` fails at composition. Derived from
 # GPTConfig so the two cannot drift; vocab_size comes from the corpus, not the config. `compile`
@@ -108,6 +116,11 @@ def best_val_loss(trainer: L.Trainer) -> float | None:
     return None if best is None else best.item()
 
 
+def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
+    """Every logger chosen in conf/logger (the entries with a _target_; others are their shared settings)."""
+    return [instantiate(c) for c in (cfg or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
 def train(cfg: DictConfig) -> float | None:
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)
@@ -115,7 +128,7 @@ def train(cfg: DictConfig) -> float | None:
     module = instantiate(cfg.module, vocab=datamodule.vocab, _convert_="all")
     trainer = instantiate(
         cfg.trainer,
-        logger=instantiate(cfg.logger),
+        logger=instantiate_loggers(cfg.logger),
         callbacks=[instantiate(c) for c in cfg.callbacks.values()],
     )
     refuse_script_relaunch_in_multirun(trainer)
