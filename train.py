@@ -128,7 +128,7 @@ def train(cfg: DictConfig) -> float | None:
     module = instantiate(cfg.module, vocab=datamodule.vocab, _convert_="all")
     trainer = instantiate(
         cfg.trainer,
-        logger=instantiate_loggers(cfg.logger),
+        logger=instantiate_loggers(cfg.get("logger")),
         callbacks=[instantiate(c) for c in cfg.callbacks.values()],
     )
     refuse_script_relaunch_in_multirun(trainer)

@@ -181,7 +181,7 @@ class LightningRun:
         trainer = instantiate(
             self.cfg.trainer,
             max_steps=steps + 1,
-            logger=instantiate_loggers(self.cfg.logger),
+            logger=instantiate_loggers(self.cfg.get("logger")),
             callbacks=[*callbacks, step_ends],
         )
         if steps + 1 >= self.cfg.trainer.val_check_interval:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -12,13 +13,19 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import TINY, run_train, run_train_without
+import torch
+from conftest import ROOT, TINY, run_train, run_train_without
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from test_sweep import run_sweep
+
+# No usage reports from MLflow's client and server (they would try the network): for this process
+# and every process it starts.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 # Ten steps, a validation of two batches every five: what each tracker records, in seconds.
 SHORT = [
@@ -94,11 +101,9 @@ def wait_for_mlflow(server: subprocess.Popen, uri: str, log: Path, seconds: floa
         time.sleep(0.5)
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server on localhost (sqlite, artifacts under a temporary dir): its URI."""
-    pytest.importorskip("mlflow")  # the [mlflow] extra, which CI installs
-    root = tmp_path_factory.mktemp("mlflow")
+@contextmanager
+def mlflow_server_in(root: Path):
+    """A real MLflow tracking server on localhost, sqlite and artifacts under `root`: (its URI, process)."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     command = [
@@ -111,10 +116,19 @@ def mlflow_server(tmp_path_factory):
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_for_mlflow(server, uri, root / "server.log")
-            yield uri
+            yield uri, server
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)  # its store is thrown away: no need to wait it out
+                server.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """One server for the module's MLflow tests (it takes half a minute to start): its URI."""
+    pytest.importorskip("mlflow")  # the [mlflow] extra, which CI installs
+    with mlflow_server_in(tmp_path_factory.mktemp("mlflow")) as (uri, _):
+        yield uri
 
 
 def test_mlflow_run_has_metrics_params_and_text_samples(mlflow_server, tmp_path, corpus):
@@ -173,6 +187,40 @@ def test_unreachable_mlflow_server_is_one_line_and_training_does_not_start(tmp_p
     assert not (run_dir / "checkpoints").exists()
 
 
+def test_mlflow_server_lost_during_training_is_one_warning_and_training_goes_on(tmp_path, corpus):
+    pytest.importorskip("mlflow")  # the [mlflow] extra, which CI installs
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    with mlflow_server_in(tmp_path) as (uri, server):
+        overrides = [*TINY, "trainer.max_steps=200", "+trainer.limit_val_batches=2", f"data.path={corpus}"]
+        command = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", f"data.data_dir={tmp_path}/data"]
+        # MLflow's own setting, so that the first send after the loss fails at once, not in minutes.
+        env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+        training = subprocess.Popen(
+            [*command, *overrides, "logger=mlflow", f"logger.tracking_uri={uri}"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 300
+        while not last.exists() and training.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(server.pid, signal.SIGKILL)  # the server dies after the first validation at step 20
+        server.wait(timeout=30)
+        stdout, stderr = training.communicate(timeout=600)
+    assert training.returncode == 0, stderr
+    assert torch.load(last, weights_only=True)["global_step"] == 200  # checkpoints went on
+    lost = [line for line in stderr.splitlines() if "stopped answering" in line]
+    assert len(lost) == 1
+    # Refused, or reset on the connection kept open: whichever the first send after the loss met.
+    causes = "Connection refused|Connection reset by peer|Remote end closed connection without response"
+    assert re.search(f"MLflow tracking server {re.escape(uri)} stopped answering \\(({causes})\\)", lost[0])
+    assert "Traceback" not in stdout + stderr
+
+
 @pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
 def test_a_tracker_without_its_extra_says_which_extra_to_install(tracker, tmp_path, corpus):
     result = run_train_without(
@@ -187,6 +235,31 @@ def test_a_tracker_without_its_extra_says_which_extra_to_install(tracker, tmp_pa
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: logger={tracker} needs {tracker}, an optional extra: pip install -e '.[{tracker}]'"
     )
+
+
+def wandb_without_account(monkeypatch, home: Path) -> None:
+    """No W&B account, key or settings: W&B's own files in `home` (and run_train gives no stdin)."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(home))  # no ~/.netrc with a key
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for variable in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(variable, str(home / variable.lower()))
+
+
+def test_wandb_without_a_login_is_one_line_and_training_does_not_start(tmp_path, corpus, monkeypatch):
+    pytest.importorskip("wandb")  # the [wandb] extra, which CI installs
+    wandb_without_account(monkeypatch, tmp_path)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run_dir = tmp_path / "run"
+    result = run_train(run_dir, *SHORT, "logger=wandb", f"data.path={corpus}", check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: logger=wandb: No API key configured. Use `wandb login` to log in; "
+        "or log offline with WANDB_MODE=offline and `wandb sync` the run later"
+    ]
+    assert not (run_dir / "checkpoints").exists()
 
 
 def wandb_records(run_file: Path):
@@ -237,11 +310,8 @@ def test_wandb_offline_sweep_makes_one_run_per_job_with_metrics_config_and_sampl
     tmp_path, corpus, monkeypatch
 ):
     pytest.importorskip("wandb")  # the [wandb] extra, which CI installs
-    # No account, no network, no prompt; W&B's own settings and caches in the test's dir.
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    for variable in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(variable, str(tmp_path / variable.lower()))
+    wandb_without_account(monkeypatch, tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no account, no network
     sweep_dir = tmp_path / "sweep"
     run_sweep(sweep_dir, corpus, "model.n_embd=8,16", "logger=wandb")
     runs = [wandb_offline_run(sweep_dir / job) for job in ("0", "1")]

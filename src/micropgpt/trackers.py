@@ -13,7 +13,7 @@ import re
 from contextlib import contextmanager
 
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from micropgpt.errors import UserError
 
@@ -37,6 +37,16 @@ def _environment(**values: str):
                 os.environ[key] = value
 
 
+def _reason(error: Exception) -> str:
+    """The short cause inside an MLflow client error: 'Connection refused', 'HTTP 403', ..."""
+    message = str(error)
+    # As requests and urllib3 word it: "[Errno 111] Connection refused", "ConnectionResetError(104,
+    # 'Connection reset by peer')", "RemoteDisconnected('Remote end closed connection without response')".
+    cause = re.search(r"(?:\[Errno -?\d+\] |Error\(-?\d+, '|Disconnected\(')([A-Za-z ]+)", message)
+    status = re.search(r"error code (\d+)", message)
+    return (cause[1] if cause else f"HTTP {status[1]}" if status else message.splitlines()[0][:200]).strip()
+
+
 def check_tracking_server(uri: str) -> None:
     """Stop in one line, before training starts, when the MLflow tracking URI does not answer.
 
@@ -49,18 +59,16 @@ def check_tracking_server(uri: str) -> None:
         with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
             MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as e:
-        message = str(e)
-        errno = re.search(r"\[Errno -?\d+\] ([^\"'()]+)", message)
-        status = re.search(r"error code (\d+)", message)
-        reason = errno[1] if errno else f"HTTP {status[1]}" if status else message.splitlines()[0][:200]
         raise UserError(
-            f"MLflow tracking server {uri} does not answer ({reason.strip()}); start it "
+            f"MLflow tracking server {uri} does not answer ({_reason(e)}); start it "
             "(mlflow server --host 127.0.0.1 --port 5000) or pass logger.tracking_uri=<its address>"
         ) from e
 
 
 class MLflowTracker(MLFlowLogger):
-    """Lightning's MLFlowLogger that checks its tracking server before training starts.
+    """Lightning's MLFlowLogger that checks its tracking server before training starts, and lets
+    training go on, checkpoints and all, when the server goes away later: one warning, then nothing
+    more is sent (each send would wait out MLflow's retries again).
 
     An empty run name (a run without overrides) lets MLflow name the run: the server refuses ''.
     Tags without a value (`sweep` outside a sweep) are left out.
@@ -71,6 +79,37 @@ class MLflowTracker(MLFlowLogger):
         tags = {key: value for key, value in (tags or {}).items() if value is not None}
         super().__init__(run_name=run_name or None, tags=tags, **kwargs)
         check_tracking_server(self._tracking_uri)
+        self.server_lost = False
+
+    @rank_zero_only
+    def log_hyperparams(self, params) -> None:
+        self._while_server_answers(super().log_hyperparams, params)
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step: int | None = None) -> None:
+        self._while_server_answers(super().log_metrics, metrics, step)
+
+    @rank_zero_only
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._while_server_answers(lambda: self.experiment.log_text(self.run_id, text, artifact_file))
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        self._while_server_answers(super().finalize, status)
+
+    def _while_server_answers(self, send, *args) -> None:
+        from mlflow.exceptions import MlflowException
+
+        if self.server_lost:
+            return
+        try:
+            send(*args)
+        except MlflowException as e:
+            self.server_lost = True
+            rank_zero_warn(
+                f"MLflow tracking server {self._tracking_uri} stopped answering ({_reason(e)}); "
+                "training goes on without it, checkpoints as before"
+            )
 
 
 class WandbTracker(WandbLogger):
@@ -78,11 +117,24 @@ class WandbTracker(WandbLogger):
 
     W&B keeps one run per process: unfinished, the next job of a sweep would log into it
     (lightning-hydra-template #289). An empty name (a run without overrides) lets W&B name the run.
+    Without a login, the run stops in one line when W&B starts, before the first training step.
     """
 
     def __init__(self, name: str | None = None, **kwargs):
         require_extra("wandb", "logger=wandb", "wandb")
         super().__init__(name=name or None, **kwargs)
+
+    @property
+    def experiment(self):
+        from wandb.errors import UsageError
+
+        try:
+            return super().experiment
+        except UsageError as e:
+            raise UserError(
+                f"logger=wandb: {str(e).rstrip('.')}; or log offline with WANDB_MODE=offline "
+                "and `wandb sync` the run later"
+            ) from e
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
@@ -96,11 +148,11 @@ def log_text_sample(logger: Logger, key: str, text: str, step: int) -> None:
     if isinstance(logger, TensorBoardLogger):
         # TensorBoard renders Markdown; indenting every line makes it a verbatim code block.
         logger.experiment.add_text(key, "\n".join("    " + line for line in text.split("\n")), step)
-    elif isinstance(logger, MLFlowLogger):
-        logger.experiment.log_text(logger.run_id, text, f"{key}/step_{step:07d}.txt")
+    elif isinstance(logger, MLflowTracker):
+        logger.log_text(text, f"{key}/step_{step:07d}.txt")
     elif isinstance(logger, WandbLogger):
         logger.log_text(key, columns=["step", "text"], data=[[step, text]], step=step)
 
 
 def has_text_place(logger: Logger) -> bool:
-    return isinstance(logger, (TensorBoardLogger, MLFlowLogger, WandbLogger))
+    return isinstance(logger, (TensorBoardLogger, MLflowTracker, WandbLogger))
