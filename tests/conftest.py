@@ -55,7 +55,10 @@ def run_train(run_dir: Path, *overrides: str, data_dir: Path | None = None, chec
         *overrides,
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    # No stdin: nothing may wait for an answer (a tracker's login prompt).
+    result = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

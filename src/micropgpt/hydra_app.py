@@ -37,6 +37,7 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -69,6 +70,12 @@ def folder_name(text: str, max_bytes: int = 255) -> str:
     return text.encode()[: max_bytes - 3].decode(errors="ignore") + "..."
 
 
+def sweep_dir() -> str | None:
+    """The sweep dir of a job of a multirun (-m), None in a single run: how trackers group a sweep."""
+    hydra_config = HydraConfig.get()
+    return hydra_config.sweep.dir if hydra_config.mode == RunMode.MULTIRUN else None
+
+
 def on_first_process(value):
     """`value` in the first process of a multi-process run, None in the others.
 
@@ -81,6 +88,7 @@ def on_first_process(value):
 # replace=True: a notebook may reload this module.
 OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
 OmegaConf.register_new_resolver("on_first_process", on_first_process, replace=True)
+OmegaConf.register_new_resolver("sweep_dir", sweep_dir, replace=True)
 OmegaConf.register_new_resolver("slurm_gpus_per_node", slurm_launch.gpus_per_node, replace=True)
 
 # --- typed schemas: a wrong type fails at composition ------------------------------------------
@@ -164,6 +172,11 @@ def best_val_loss(trainer: L.Trainer) -> float | None:
     return None if best is None else best.item()
 
 
+def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
+    """Every logger chosen in conf/logger (the entries with a _target_; others are their shared settings)."""
+    return [instantiate(c) for c in (cfg or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
 def remove_interrupted_writes(trainer: L.Trainer) -> None:
     """Remove what writes killed before their rename (a SIGKILL, a power cut) left in the run's dirs."""
     dirs = [HydraConfig.get().runtime.output_dir, *(c.dirpath for c in trainer.checkpoint_callbacks)]
@@ -184,7 +197,7 @@ def train(cfg: DictConfig, python_api: bool = False) -> float | None:
     module = instantiate(cfg.module, vocab=datamodule.vocab, _convert_="all")
     trainer = instantiate(
         cfg.trainer,
-        logger=instantiate(cfg.logger),
+        logger=instantiate_loggers(cfg.get("logger")),
         callbacks=[instantiate(c) for c in cfg.callbacks.values()],
     )
     refuse_script_relaunch(trainer, python_api)
