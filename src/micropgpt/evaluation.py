@@ -1,12 +1,13 @@
 """Loss and bits per character of a checkpoint on a text: what eval.py and micropgpt.evaluate report.
 
-The text is a run's own validation split (the characters CharDataModule validated that run on)
-or the whole of any UTF-8 file, encoded with the checkpoint's vocabulary. It is cut into windows
-of block_size characters, each predicting the next: by default the non-overlapping windows the
-run validated on, so the run's best val/loss comes back from its best.ckpt; with `stride` S,
-windows start every S characters and each scores only the targets the previous one did not,
-so every scored character has at least block_size - S characters of context.
-A Lightning Trainer runs it (`Trainer.validate`), on as many devices as it is given.
+The text is a run's own validation split (the characters CharDataModule validated that run on,
+from the run's data settings) or the whole of any UTF-8 file, encoded with the checkpoint's
+vocabulary. It is cut into windows of block_size characters, each predicting the next: by
+default the non-overlapping windows the run validated on, so the run's best val/loss comes
+back from its best.ckpt; with `stride` S, windows start every S characters and each scores only
+the targets the previous one did not, so every scored character has at least block_size - S
+characters of context. A Lightning Trainer runs it (`Trainer.validate`), on as many devices as
+it is given.
 """
 
 from __future__ import annotations
@@ -17,19 +18,15 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 from torchmetrics import SumMetric
 
-from micropgpt.checkpoint import load_checkpoint, resolve_checkpoint
+from micropgpt.checkpoint import load_checkpoint
 from micropgpt.data import CharDataModule, corpus_files
 from micropgpt.errors import UserError
 from micropgpt.model import GPT
 from micropgpt.tokenizer import CharTokenizer
-
-RUN_CONFIG = Path(".hydra") / "config.yaml"
-RUN_HYDRA_CONFIG = Path(".hydra") / "hydra.yaml"
 
 
 class ScoredWindows(Dataset):
@@ -135,57 +132,23 @@ class Scorer(L.LightningModule):
         }
 
 
-def run_dir_of(checkpoint: Path) -> Path | None:
-    """The run dir that saved `checkpoint` (RUN/checkpoints/x.ckpt), if it has its .hydra/config.yaml."""
-    run_dir = checkpoint.resolve().parent.parent
-    return run_dir if (run_dir / RUN_CONFIG).is_file() else None
-
-
-def run_data_config(run_dir: Path) -> dict:
-    """The data settings the run trained with, its relative paths made absolute from its cwd."""
-    config = OmegaConf.load(run_dir / RUN_CONFIG)
-    data = OmegaConf.to_container(config.data, resolve=True)
-    data.pop("_target_", None)
-    data.pop("block_size", None)  # the checkpoint's own
-    cwd = Path(OmegaConf.load(run_dir / RUN_HYDRA_CONFIG).hydra.runtime.cwd)
-    for key in ("path", "data_dir"):
-        if data.get(key):
-            data[key] = str(cwd / data[key])
-    return data
-
-
 def prepare_evaluation(
-    ckpt: str | Path,
-    data_path: str | None = None,
-    stride: int | None = None,
-    batch_size: int | None = None,
-) -> tuple[Scorer, EvalData, Path]:
-    """The scorer and data for `ckpt` (a run dir or a .ckpt file) on the run's validation split,
-    or with `data_path` on all of that file; everything checked and loaded before a Trainer
-    exists, so that a mistake is the one line printed."""
-    file = resolve_checkpoint(ckpt)
+    file: Path, data: dict, whole: bool, stride: int | None = None, batch_size: int | None = None
+) -> tuple[Scorer, EvalData]:
+    """The scorer and data for checkpoint `file` on CharDataModule's validation split of the corpus
+    `data` describes (its arguments, as the run had them), or with `whole` on all of data["path"].
+    Everything is checked and loaded before a Trainer exists, so that a mistake is the one line
+    printed."""
     model, tokenizer = load_checkpoint(file, "cpu")
     block_size = model.config.block_size
     if stride is not None and not 1 <= stride <= block_size:
         raise UserError(f"stride={stride} must be between 1 and block_size={block_size}")
-    if data_path is None:
-        run_dir = run_dir_of(file)
-        if run_dir is None:
-            raise UserError(
-                f"{file} is not inside a run dir with {RUN_CONFIG}, so its validation split is unknown; "
-                "pass data.path= a text file to evaluate on"
-            )
-        data = run_data_config(run_dir)
-    else:
-        data = {"path": data_path}
     if batch_size is not None:
-        data["batch_size"] = batch_size
-    datamodule = EvalData(
-        tokenizer, whole=data_path is not None, stride=stride or block_size, block_size=block_size, **data
-    )
+        data = {**data, "batch_size": batch_size}
+    datamodule = EvalData(tokenizer, whole, stride or block_size, **{**data, "block_size": block_size})
     datamodule.prepare_data()
     datamodule.setup("validate")
-    return Scorer(model), datamodule, file
+    return Scorer(model), datamodule
 
 
 def score(trainer: L.Trainer, scorer: Scorer, datamodule: EvalData, file: Path) -> dict:

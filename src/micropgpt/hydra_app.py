@@ -42,6 +42,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from micropgpt.checkpoint import resolve_checkpoint
 from micropgpt.errors import UserError, find_user_error
 from micropgpt.evaluation import prepare_evaluation, score
 from micropgpt.files import atomic_write, claim_new_dir
@@ -278,6 +279,26 @@ def train_command(cfg: DictConfig) -> float | None:
 
 # --- the evaluation job -----------------------------------------------------------------------
 
+RUN_CONFIG = Path(".hydra") / "config.yaml"
+
+
+def run_data_config(checkpoint: Path) -> dict:
+    """The data settings of the run that saved `checkpoint` (RUN/checkpoints/x.ckpt), from its
+    .hydra/, relative paths made absolute from the run's working directory."""
+    run_dir = checkpoint.resolve().parent.parent
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise UserError(
+            f"{checkpoint} is not inside a run dir with {RUN_CONFIG}, so its validation split is unknown; "
+            "pass data.path= a text file to evaluate on"
+        )
+    data = OmegaConf.to_container(OmegaConf.load(run_dir / RUN_CONFIG).data, resolve=True)
+    del data["_target_"], data["block_size"]  # the checkpoint's own block_size
+    cwd = Path(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.cwd)
+    for key in ("path", "data_dir"):
+        if data.get(key):
+            data[key] = str(cwd / data[key])
+    return data
+
 
 def evaluate(cfg: DictConfig, python_api: bool = False) -> dict:
     """conf/eval.yaml's evaluation (micropgpt.evaluation) on a Trainer built from `cfg.trainer`;
@@ -286,7 +307,10 @@ def evaluate(cfg: DictConfig, python_api: bool = False) -> dict:
         raise UserError("no checkpoint given: pass ckpt= a run directory (outputs/DATE/TIME) or a .ckpt file")
     if cfg.out is not None and Path(cfg.out).is_dir():
         raise UserError(f"out={cfg.out} is a directory; pass a file name to write the result to")
-    scorer, datamodule, file = prepare_evaluation(cfg.ckpt, cfg.data.path, cfg.stride, cfg.data.batch_size)
+    file = resolve_checkpoint(cfg.ckpt)
+    whole = cfg.data.path is not None
+    data = {"path": cfg.data.path} if whole else run_data_config(file)
+    scorer, datamodule = prepare_evaluation(file, data, whole, cfg.stride, cfg.data.batch_size)
     trainer = instantiate(cfg.trainer)
     refuse_script_relaunch(trainer, python_api)
     result = score(trainer, scorer, datamodule, file)
