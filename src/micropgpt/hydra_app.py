@@ -12,6 +12,7 @@ commands do.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -22,7 +23,7 @@ import time
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, make_dataclass
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from micropgpt import slurm_launch
+from micropgpt.checkpoint import resolve_checkpoint
 from micropgpt.errors import UserError, find_user_error
-from micropgpt.files import claim_new_dir, remove_stale_temporary_files
+from micropgpt.evaluation import prepare_evaluation, score
+from micropgpt.files import atomic_write, claim_new_dir, remove_stale_temporary_files
 from micropgpt.interrupts import TrainingInterrupted
 from micropgpt.model import GPTConfig
 from micropgpt.resume import check_resumable, resolve_ckpt_path
@@ -124,8 +127,26 @@ class GenerateSchema:
     out: str | None = MISSING
 
 
+@dataclass
+class EvalDataSchema:
+    path: str | None = None
+    batch_size: int | None = None
+
+
+@dataclass
+class EvalSchema:
+    """The types of conf/eval.yaml's keys; `trainer` is conf/trainer's, for Trainer.validate."""
+
+    ckpt: str | None = MISSING
+    data: EvalDataSchema = field(default_factory=EvalDataSchema)
+    stride: int | None = MISSING
+    out: str | None = MISSING
+    trainer: dict[str, Any] = MISSING
+
+
 ConfigStore.instance().store(group="model", name="schema", node=ModelSchema)
 ConfigStore.instance().store(name="generate_schema", node=GenerateSchema)
+ConfigStore.instance().store(name="eval_schema", node=EvalSchema)
 
 # --- the training job --------------------------------------------------------------------------
 
@@ -284,16 +305,71 @@ def train_command(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
 
+# --- the evaluation job -----------------------------------------------------------------------
+
+RUN_CONFIG = Path(".hydra") / "config.yaml"
+
+
+def run_data_config(checkpoint: Path) -> dict:
+    """The data settings of the run that saved `checkpoint` (RUN/checkpoints/x.ckpt), from its
+    .hydra/, relative paths made absolute from the run's working directory."""
+    run_dir = checkpoint.resolve().parent.parent
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise UserError(
+            f"{checkpoint} is not inside a run dir with {RUN_CONFIG}, so its validation split is unknown; "
+            "pass data.path= a text file to evaluate on"
+        )
+    data = OmegaConf.to_container(OmegaConf.load(run_dir / RUN_CONFIG).data, resolve=True)
+    del data["_target_"], data["block_size"]  # the checkpoint's own block_size
+    cwd = Path(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.cwd)
+    for key in ("path", "data_dir"):
+        if data.get(key):
+            data[key] = str(cwd / data[key])
+    return data
+
+
+def evaluate(cfg: DictConfig, python_api: bool = False) -> dict:
+    """conf/eval.yaml's evaluation (micropgpt.evaluation) on a Trainer built from `cfg.trainer`;
+    writes `cfg.out` from the first process. Returns the result on every process."""
+    if cfg.ckpt is None:
+        raise UserError("no checkpoint given: pass ckpt= a run directory (outputs/DATE/TIME) or a .ckpt file")
+    if cfg.out is not None and Path(cfg.out).is_dir():
+        raise UserError(f"out={cfg.out} is a directory; pass a file name to write the result to")
+    file = resolve_checkpoint(cfg.ckpt)
+    whole = cfg.data.path is not None
+    data = {"path": cfg.data.path} if whole else run_data_config(file)
+    scorer, datamodule = prepare_evaluation(file, data, whole, cfg.stride, cfg.data.batch_size)
+    trainer = instantiate(cfg.trainer)
+    refuse_script_relaunch(trainer, python_api)
+    result = score(trainer, scorer, datamodule, file)
+    if cfg.out is not None and trainer.is_global_zero:
+        text = json.dumps(result, indent=2) + "\n"
+        try:
+            atomic_write(Path(cfg.out), lambda f: f.write(text.encode()))
+        except OSError as e:
+            raise UserError(f"out={cfg.out} cannot be written: {e.strerror}") from None
+    return result
+
+
 # --- Hydra callbacks (conf/train.yaml, hydra.callbacks) ----------------------------------------
 
 _raise_user_errors = False  # True while run_app runs: callbacks raise UserError instead of exiting
 
 
+class _CallbackStop(BaseException):
+    """Carries a callback's UserError to run_app; a BaseException, since Hydra turns a callback's
+    Exception into a warning and goes on."""
+
+    def __init__(self, error: UserError):
+        super().__init__(str(error))
+        self.error = error
+
+
 def _stop(error: UserError) -> typing.NoReturn:
-    """Stop on a user's mistake inside a Hydra callback: `error: ...` and exit 2 under a command
-    (Hydra would print an exception with a traceback), the exception itself under run_app."""
+    """Stop on a user's mistake inside a Hydra callback: `error: ...` and exit 2 under a command,
+    the UserError raised by run_app under the Python API."""
     if _raise_user_errors:
-        raise error
+        raise _CallbackStop(error)
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
 
@@ -433,7 +509,8 @@ def _conf(job_name: str) -> Iterator[None]:
     except (HydraException, OmegaConfBaseException) as e:
         # A bad override or config value: what the command prints (the error and its cause), in one line.
         lines = [line.strip() for error in (e, e.__cause__) if error for line in str(error).splitlines()]
-        raise UserError("; ".join(line for line in lines if line)) from None
+        context = ("full_key:", "reference_type=", "object_type=")  # OmegaConf's, about its own nodes
+        raise UserError(" ".join(line for line in lines if line and not line.startswith(context))) from None
 
 
 def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -460,6 +537,8 @@ def run_app(config_name: str, overrides: list[str], task: Callable[[DictConfig],
     try:
         with _conf(config_name):
             GlobalHydra.instance().hydra.run(config_name=config_name, task_function=job, overrides=overrides)
+    except _CallbackStop as stop:
+        raise stop.error from None
     finally:
         _raise_user_errors = False
     if "error" in outcome:
@@ -469,3 +548,26 @@ def run_app(config_name: str, overrides: list[str], task: Callable[[DictConfig],
             raise user_error from None
         raise error
     return outcome["value"]
+
+
+def merged(cfg: DictConfig, values: dict[str, Any]) -> DictConfig:
+    """`cfg` with `values` (keyword arguments of the Python API) merged in, typed by its schema."""
+    try:
+        return OmegaConf.merge(cfg, values)
+    except OmegaConfBaseException as e:
+        raise UserError(str(e).splitlines()[0]) from None
+
+
+def train_from_python(overrides: list[str]) -> Path:
+    """`python train.py *overrides` in this process (micropgpt.train); returns the run dir."""
+
+    def job(cfg: DictConfig) -> Path:
+        train(cfg, python_api=True)
+        return Path(HydraConfig.get().runtime.output_dir)
+
+    return run_app("train", overrides, job)
+
+
+def evaluate_from_python(values: dict[str, Any], overrides: list[str]) -> dict:
+    """`python eval.py *overrides` with `values` set (micropgpt.evaluate)."""
+    return run_app("eval", overrides, lambda cfg: evaluate(merged(cfg, values), python_api=True))
