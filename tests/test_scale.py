@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, run_train, run_train_without
+from conftest import ROOT, TINY, require_extra, run_train, run_train_without
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
@@ -294,7 +294,7 @@ def compose_train(*overrides: str, hydra_config: bool = False):
 
 
 def test_slurm_launcher_asks_for_the_trainers_nodes_and_devices():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    require_extra("hydra_plugins.hydra_submitit_launcher")
     cfg = compose_train(
         "hydra/launcher=slurm",
         "hydra.launcher.partition=gpu",
@@ -320,7 +320,7 @@ def test_a_missing_slurm_extra_names_the_extra_to_install():
 
 
 def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path, corpus):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    require_extra("hydra_plugins.hydra_submitit_launcher")
     sweep_dir = tmp_path / "sweep"
     run_sweep(sweep_dir, corpus, "hydra/launcher=submitit_local", "model.n_embd=8,16", "model.n_layer=1")
     rows = read_summary(sweep_dir)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, require_extra
 from slurm_cluster import SlurmCluster, missing_programs
 from test_reliability import assert_same_weights
 from test_scale import compose_train
@@ -225,7 +225,7 @@ def sweep_command(sweep_dir: Path, corpus: Path, *overrides: str) -> list[str]:
 
 
 def test_slurm_launcher_asks_for_no_gpus_for_a_trainer_on_cpus():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    require_extra("hydra_plugins.hydra_submitit_launcher")
     for accelerator, gpus in (("cpu", None), ("gpu", 4), ("auto", 4)):
         cfg = compose_train(
             "hydra/launcher=slurm",
@@ -334,7 +334,7 @@ def test_a_sweep_on_a_partition_slurm_lacks_ends_in_one_line_and_submits_nothing
     ids=["gpus-on-a-cpu-cluster", "more-cpus-than-a-node-has", "more-memory-than-a-node-has"],
 )
 def test_a_request_slurm_cannot_meet_is_refused_naming_the_fix(slurm, monkeypatch, overrides, expected):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    require_extra("hydra_plugins.hydra_submitit_launcher")
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
     with pytest.raises(UserError) as refused:
         check_submission(launcher_settings(*overrides))
@@ -343,7 +343,7 @@ def test_a_request_slurm_cannot_meet_is_refused_naming_the_fix(slurm, monkeypatc
 
 
 def test_without_sbatch_on_path_a_slurm_sweep_is_refused_naming_the_fix(monkeypatch, tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    require_extra("hydra_plugins.hydra_submitit_launcher")
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(UserError) as refused:
         check_submission(launcher_settings())

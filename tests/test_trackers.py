@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run_train, run_train_without
+from conftest import ROOT, TINY, require_extra, run_train, run_train_without
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from test_sweep import run_sweep
@@ -129,7 +129,7 @@ def mlflow_server_in(root: Path):
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """One server for the module's MLflow tests (it takes half a minute to start): its URI."""
-    pytest.importorskip("mlflow")  # the [mlflow] extra, which CI installs
+    require_extra("mlflow")  # the [mlflow] extra, which CI installs
     with mlflow_server_in(tmp_path_factory.mktemp("mlflow")) as (uri, _):
         yield uri
 
@@ -174,7 +174,7 @@ def test_mlflow_sweep_makes_one_run_per_job_grouped_by_the_sweep(mlflow_server, 
 
 
 def test_unreachable_mlflow_server_is_one_line_and_training_does_not_start(tmp_path, corpus):
-    pytest.importorskip("mlflow")  # the [mlflow] extra, which CI installs
+    require_extra("mlflow")  # the [mlflow] extra, which CI installs
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     run_dir = tmp_path / "run"
     result = run_train(
@@ -191,7 +191,7 @@ def test_unreachable_mlflow_server_is_one_line_and_training_does_not_start(tmp_p
 
 
 def test_mlflow_server_lost_during_training_is_one_warning_and_training_goes_on(tmp_path, corpus):
-    pytest.importorskip("mlflow")  # the [mlflow] extra, which CI installs
+    require_extra("mlflow")  # the [mlflow] extra, which CI installs
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
     with mlflow_server_in(tmp_path) as (uri, server):
@@ -250,7 +250,7 @@ def wandb_without_account(monkeypatch, home: Path) -> None:
 
 
 def test_wandb_without_a_login_is_one_line_and_training_does_not_start(tmp_path, corpus, monkeypatch):
-    pytest.importorskip("wandb")  # the [wandb] extra, which CI installs
+    require_extra("wandb")  # the [wandb] extra, which CI installs
     wandb_without_account(monkeypatch, tmp_path)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     run_dir = tmp_path / "run"
@@ -312,7 +312,7 @@ def wandb_offline_run(run_dir: Path) -> dict:
 def test_wandb_offline_sweep_makes_one_run_per_job_with_metrics_config_and_samples(
     tmp_path, corpus, monkeypatch
 ):
-    pytest.importorskip("wandb")  # the [wandb] extra, which CI installs
+    require_extra("wandb")  # the [wandb] extra, which CI installs
     wandb_without_account(monkeypatch, tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")  # no account, no network
     sweep_dir = tmp_path / "sweep"
