@@ -71,6 +71,17 @@ def test_lr_schedule_reaches_both_inner_optimizers():
     assert [group["lr"] for group in optimizer.adamw.param_groups] == [0.0025, 0.0025]
 
 
+def test_lr_schedule_reaches_both_inner_optimizers_after_a_resume():
+    optimizer = MuonWithAdamW(parameter_groups(tiny_gpt()), **HYPERPARAMETERS)
+    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    scheduler = LambdaLR(optimizer, lambda step: 0.5 ** (step + 1))
+    inner_groups = optimizer.muon.param_groups + optimizer.adamw.param_groups
+    assert [group["lr"] for group in inner_groups] == [5e-3] * 3
+    optimizer.step()
+    scheduler.step()
+    assert [group["lr"] for group in inner_groups] == [2.5e-3] * 3
+
+
 def test_state_dict_resumes_exactly():
     model = tiny_gpt()
     optimizer = MuonWithAdamW(parameter_groups(model), **HYPERPARAMETERS)

@@ -8,12 +8,14 @@ and broken inputs must give one `error:` line, a non-zero exit, and leave earlie
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import resource
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -27,7 +29,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from micropgpt.checkpoint import load_checkpoint, read_checkpoint
 from micropgpt.errors import UserError
-from micropgpt.files import claim_new_dir
+from micropgpt.files import atomic_write, claim_new_dir
 from micropgpt.module import GPTModule
 from micropgpt.optim import MuonWithAdamW
 from micropgpt.resume import check_resumable, resolve_ckpt_path
@@ -73,7 +75,10 @@ def reference(tiny, tmp_path_factory) -> Path:
 
 
 def val_losses(run_dir: Path) -> dict[int, float]:
-    """val/loss by step over every TensorBoard event file of the run (a resumed run writes two)."""
+    """val/loss by step over every TensorBoard event file of the run (a resumed run writes two).
+
+    Lightning logs a validation after step N at step N - 1 (its count of batches stepped before).
+    """
     losses = {}
     for event_file in run_dir.rglob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(event_file), size_guidance={"scalars": 0}).Reload()
@@ -186,6 +191,19 @@ def kill_mid_write(target: Path) -> Path:
     return left
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomically_written_files_get_the_mode_that_open_gives(tmp_path, umask):
+    """Checkpoints, caches and result files, in a dir shared by a group (umask 002) too."""
+    previous = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "atomic.json", lambda f: f.write(b"{}"))
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    modes = {stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("atomic.json", "plain.json")}
+    assert modes == {0o666 & ~umask}
+
+
 def test_a_run_starting_in_a_run_dir_removes_only_the_temporary_files_of_killed_writes(tiny, tmp_path):
     run_dir = tmp_path / "run"
     checkpoints = run_dir / "checkpoints"
@@ -266,20 +284,54 @@ def test_sigterm_and_sigint_save_last_ckpt_and_the_printed_command_resumes_exact
     proc = subprocess.Popen(tiny(run_dir), cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True)
     wait_for_step(proc, last, 20)
     proc.send_signal(signal.SIGUSR1)
-    wait_for(proc, (tmp_path / "scontrol.args").exists, "the requeue")
+    requeued = tmp_path / "scontrol.args"
+    wait_for(proc, lambda: requeued.exists() and requeued.read_text().strip(), "the requeue")
     assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
     resume = stop_with(proc, "SIGTERM", last)
+    stops = [read_checkpoint(last)["global_step"]]
     hpc_step = read_checkpoint(run_dir / "hpc_ckpt_1.ckpt")["global_step"]
-    assert 20 <= hpc_step <= read_checkpoint(last)["global_step"] < 60
+    assert 20 <= hpc_step <= stops[0] < 60
+    result = json.loads((run_dir / "result.json").read_text())
+    assert (result["status"], result["steps"]) == ("interrupted", stops[0])
 
     proc = subprocess.Popen(resume, cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True)
     wait_for_step(proc, last, 40)
     resume = stop_with(proc, "SIGINT", last)
+    stops.append(read_checkpoint(last)["global_step"])
+    assert json.loads((run_dir / "result.json").read_text())["steps"] == stops[1]
 
     result = train(resume, env=env)
     assert result.returncode == 0, result.stderr
-    assert val_losses(run_dir) == val_losses(reference)  # at steps 20, 40 and 60
+    # The values, not their steps: resumed from a stop between two validations, Lightning counts
+    # one batch fewer and logs one step lower than the uninterrupted run.
+    losses, expected = val_losses(run_dir).values(), val_losses(reference).values()
+    assert set(expected) <= set(losses)  # at steps 20, 40 and 60
+    assert len(losses) == len(expected) + sum(step % 20 != 0 for step in stops)  # each stop's own
     assert_same_weights(run_dir, reference)
+
+
+# --- the end of training ---
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [["trainer.max_steps=30"], ["trainer.max_steps=100000", "+trainer.max_time=00:00:00:04"]],
+    ids=["max_steps", "max_time"],
+)
+def test_the_final_weights_are_validated_and_saved_whatever_step_training_stops_at(tiny, tmp_path, stop):
+    run_dir = tmp_path / "run"
+    result = train(tiny(run_dir, "trainer.val_check_interval=20", *stop))
+    assert result.returncode == 0, result.stderr
+    final = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+    assert final == 30 if stop == ["trainer.max_steps=30"] else 0 < final < 100000
+    losses = {step + 1: loss for step, loss in val_losses(run_dir).items()}  # by the step validated
+    assert max(losses) == final
+    best = read_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    assert best["global_step"] == min(losses, key=losses.get)
+    summary = json.loads((run_dir / "result.json").read_text())
+    assert summary["steps"] == final
+    assert summary["best_val_loss"] == pytest.approx(min(losses.values()))
+    assert f"last val/loss: {losses[final]:.4f} (step {final})" in result.stdout
 
 
 # --- divergence ---
@@ -315,6 +367,42 @@ def test_ckpt_path_last_and_auto_find_last_ckpt_and_only_auto_may_start_afresh(r
         resolve_ckpt_path("last", empty)
     with pytest.raises(UserError, match=re.escape("is not a file; pass a .ckpt file, last or auto")):
         resolve_ckpt_path(str(tmp_path / "nowhere.ckpt"), checkpoints)
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """`tag` by step over every TensorBoard event file of the run (a resumed run writes two)."""
+    values = {}
+    for event_file in run_dir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(event_file), size_guidance={"scalars": 0}).Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            values.update({event.step: event.value for event in accumulator.Scalars(tag)})
+    return values
+
+
+def test_an_extended_run_follows_the_resumed_commands_schedule_and_says_what_changed(tiny, tmp_path):
+    """Trained 40 steps of a 40-step cosine, then resumed to 80 with another lr: from step 40 the lr
+    is the 80-step schedule's at the new lr, as in a run configured so from the start."""
+    cosine = ["scheduler=cosine", "scheduler.warmup_steps=10"]
+    extended, fresh = tmp_path / "extended", tmp_path / "fresh"
+    assert train(tiny(extended, *cosine, "optimizer.lr=1e-3", "trainer.max_steps=40")).returncode == 0
+    new_config = [*cosine, "optimizer.lr=2e-3", "trainer.max_steps=80"]
+    result = train(tiny(extended, *new_config, "ckpt_path=last"))
+    assert result.returncode == 0, result.stderr
+    [note] = [line for line in result.stderr.splitlines() if line.startswith("note: resuming with")]
+    assert "decay_steps 40 -> 80" in note and "lr 0.001 -> 0.002" in note, note
+    assert train(tiny(fresh, *new_config)).returncode == 0
+
+    tag = "lr-AdamW/matrices"
+    resumed = {step: lr for step, lr in scalars(extended, tag).items() if step > 40}
+    assert len(resumed) >= 7 and len(set(resumed.values())) == len(resumed)  # still decaying
+    assert resumed == {step: lr for step, lr in scalars(fresh, tag).items() if step > 40}
+
+
+def test_an_unchanged_resume_prints_no_note(reference, tiny, tmp_path):
+    run_dir = shutil.copytree(reference, tmp_path / "run")
+    result = train(tiny(run_dir, "trainer.max_steps=61", "ckpt_path=last"))
+    assert result.returncode == 0, result.stderr
+    assert "note: resuming with" not in result.stderr
 
 
 class CallsCode:

@@ -158,6 +158,14 @@ def test_bad_model_shape_is_one_line(tmp_path, corpus):
     )
 
 
+def test_a_cosine_schedule_without_a_length_is_one_line(tmp_path, corpus):
+    assert_one_line_error(
+        tmp_path,
+        [*TINY, "scheduler=cosine", "trainer.max_steps=-1", "trainer.max_epochs=1", f"data.path={corpus}"],
+        "scheduler=cosine needs the number of steps to decay over, and scheduler.decay_steps is -1",
+    )
+
+
 def test_missing_corpus_is_one_line(tmp_path):
     assert_one_line_error(tmp_path, ["data.path=/no/such/file"], "corpus /no/such/file does not exist")
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
-# atomic_write's temporary files are `.<target name>.<mkstemp's 8 random characters>.micropgpt.tmp`:
-# hidden, beside their target, and named so that no file of anyone else's is taken for one.
+# atomic_write's temporary files are `.<target name>.<8 random characters>.micropgpt.tmp`: hidden,
+# beside their target, and named so that no file of anyone else's is taken for one.
 TEMPORARY_SUFFIX = ".micropgpt.tmp"
 _TEMPORARY_NAME = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(TEMPORARY_SUFFIX))
 
@@ -19,10 +19,11 @@ def atomic_write(target: Path, write) -> None:
     """Call `write(file)` on a temporary file beside `target`, fsync, then rename it into place.
 
     Readers see the old file or the whole new one, never a part; on any error the temporary file
-    is removed and `target` is untouched.
+    is removed and `target` is untouched. The file gets the permissions `open(target, "w")` would
+    give it (0666 less the umask), so a cache or run dir shared by a group stays readable by it.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMPORARY_SUFFIX)
+    fd, tmp = _create_temporary_file(target)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -32,6 +33,17 @@ def atomic_write(target: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _create_temporary_file(target: Path) -> tuple[int, Path]:
+    """A new file beside `target` for atomic_write, created as open() creates files: mode 0666 less
+    the umask (tempfile.mkstemp's are 0600, readable by their owner only)."""
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def remove_stale_temporary_files(directories: Iterable[Path]) -> list[Path]:

@@ -227,7 +227,11 @@ def train(cfg: DictConfig, python_api: bool = False) -> float | None:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, Path(trainer.checkpoint_callback.dirpath))
     if ckpt_path is not None:
         check_resumable(ckpt_path, module)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    interruption = None
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except TrainingInterrupted as e:  # after the final step's validation and checkpoints
+        interruption = e
 
     checkpoint = trainer.checkpoint_callback
     best = best_val_loss(trainer)
@@ -236,17 +240,23 @@ def train(cfg: DictConfig, python_api: bool = False) -> float | None:
         tokens_per_sec = trainer.logged_metrics.get("train/device/items_per_sec")  # ThroughputMonitor's
         result = RunResult(
             overrides=HydraConfig.get().job.override_dirname,
-            status="ok",
+            status="ok" if interruption is None else "interrupted",
             num_params=module.model.num_parameters(),
+            steps=trainer.global_step,
             best_val_loss=best,
             tokens_per_sec=None if tokens_per_sec is None else float(tokens_per_sec),
             wall_time_s=time.perf_counter() - started,
             best_checkpoint=checkpoint.best_model_path or None,
         )
         write_result(run_dir, result)
+        last = trainer.callback_metrics.get("val/loss")
         print(f"\nbest val/loss: {best:.4f}" if best is not None else "\nno validation ran")
+        if last is not None:
+            print(f"last val/loss: {last.item():.4f} (step {trainer.global_step})")
         print(f"checkpoints:   {checkpoint.dirpath}")
         print(f"sample with:   python generate.py ckpt={run_dir} prompt='ROMEO:' max_new_tokens=500")
+    if interruption is not None:
+        raise interruption
     return best
 
 

@@ -7,6 +7,8 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from micropgpt.errors import UserError
+
 
 class WarmupCosine:
     """Linear warmup from 0 to 1, cosine decay to `min_lr_ratio` at `decay_steps`, flat after.
@@ -30,4 +32,11 @@ class WarmupCosine:
 def warmup_cosine(
     optimizer: Optimizer, warmup_steps: int, decay_steps: int, min_lr_ratio: float = 0.1
 ) -> LambdaLR:
+    if decay_steps < 1:
+        # conf/scheduler/cosine.yaml's decay_steps is trainer.max_steps, -1 in a run by epochs.
+        raise UserError(
+            f"scheduler=cosine needs the number of steps to decay over, and scheduler.decay_steps is "
+            f"{decay_steps} (trainer.max_steps=-1 runs by epochs); set trainer.max_steps=N or "
+            "scheduler.decay_steps=N"
+        )
     return LambdaLR(optimizer, WarmupCosine(warmup_steps, decay_steps, min_lr_ratio))

@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric, MinMetric
 
 from micropgpt.model import GPT, GPTConfig
 from micropgpt.optim import MUON_GROUP
+from micropgpt.resume import follow_config, optimizer_settings
 from micropgpt.throughput import forward_flops, matrix_weights
 
 OptimizerFactory = Callable[[Iterable[dict]], Optimizer]
@@ -74,6 +75,8 @@ class GPTModule(L.LightningModule):
         # flops_per_batch is read by Lightning's ThroughputMonitor after each batch, for FLOP/s and MFU.
         self.flops_per_batch = 0
         self._matrix_weights = matrix_weights(self.model)
+        self._configured_optimizer: list[dict] = []  # optimizer_settings at step 0, for a resume
+        self._saved_schedules: list[dict] | None = None  # a resumed checkpoint's, until on_train_start
 
     def setup(self, stage: str) -> None:
         # Sums in float64: in float32 a sum of many batches keeps about 7 digits, and where it
@@ -92,6 +95,16 @@ class GPTModule(L.LightningModule):
             self._matrix_weights, self.model.config, inputs
         )  # the backward costs 2 forwards
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        trainer = self.trainer
+        last_epoch = trainer.current_epoch + 1 >= trainer.max_epochs > 0
+        if trainer.global_step >= trainer.max_steps > 0 or (
+            last_epoch and batch_idx + 1 >= trainer.num_training_batches
+        ):
+            # Lightning validates when told to stop, not at a max_steps (or end of the last epoch)
+            # between two val_check_intervals: so the final weights are validated and checkpointed.
+            trainer.should_stop = True
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         inputs, targets = batch
@@ -132,9 +145,20 @@ class GPTModule(L.LightningModule):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A resume follows this command's schedule (resume.follow_config, at on_train_start, once
+        # Lightning restored the optimizer): Lightning would load the checkpoint's, old settings and all.
+        self._saved_schedules, checkpoint["lr_schedulers"] = checkpoint.get("lr_schedulers", []), []
+
+    def on_train_start(self) -> None:
+        if self._saved_schedules is not None:
+            follow_config(self.trainer, self._configured_optimizer, self._saved_schedules)
+            self._saved_schedules = None
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(parameter_groups(self.model))
-        if self.scheduler_factory is None:
+        scheduler = None if self.scheduler_factory is None else self.scheduler_factory(optimizer)
+        self._configured_optimizer = optimizer_settings(optimizer)  # with the schedule's step-0 lr
+        if scheduler is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -78,3 +78,5 @@ class MuonWithAdamW(Optimizer):
             )
         self.muon.load_state_dict(state_dict["muon"])
         self.adamw.load_state_dict(state_dict["adamw"])
+        # Loading replaced the inner optimizers' groups by new ones: point param_groups at those.
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups

@@ -1,14 +1,22 @@
-"""Resuming a run: which checkpoint `ckpt_path` means, whether it fits this run, and the RNG state.
+"""Resuming a run: which checkpoint `ckpt_path` means, whether it fits this run, the optimizer
+settings and LR schedule it continues with, and the RNG state.
 
 A resumed run continues the interrupted one exactly (on the CPU, with the same seed): Lightning
-restores the weights, optimizer, LR schedule, step counters and ModelCheckpoint's best score,
+restores the weights, optimizer state, step counters and ModelCheckpoint's best score,
 CharDataModule the position in the order of training windows, and RNGState the random number
-generators, so dropout draws the masks the uninterrupted run would have drawn.
+generators, so dropout draws the masks the uninterrupted run would have drawn. The optimizer's
+hyperparameters and the LR schedule are this command's (follow_config), positioned at the
+checkpoint's step: a run extended with a larger trainer.max_steps, or resumed with another
+optimizer.lr, gets the schedule the new config describes, as nanoGPT does.
 """
 
 from __future__ import annotations
 
+import copy
 import random
+import re
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +96,71 @@ def check_resumable(file: Path, module: L.LightningModule) -> None:
             f"{file} holds the state of another optimizer (parameter groups {saved}, this run's: {ours}); "
             "resume with the optimizer= it was trained with"
         )
+
+
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Copies of the optimizer's parameter groups without their parameters: its hyperparameters."""
+    return [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def follow_config(trainer: L.Trainer, configured: list[dict[str, Any]], saved_schedules: list[dict]) -> None:
+    """Give the optimizer that Lightning restored this run's hyperparameters (`configured`: the
+    optimizer_settings of the freshly configured optimizer, at step 0) and this run's LR schedule,
+    positioned at the checkpoint's step; print one line naming what differs from the checkpoint.
+
+    The schedule is replayed step by step from its start, so any scheduler lands where an
+    uninterrupted run with this config would be: bit for bit the same when nothing changed.
+    `saved_schedules` are the checkpoint's scheduler states, which Lightning did not load.
+    """
+    optimizer = trainer.optimizers[0]
+    changes: dict[str, None] = {}
+    for group, settings in zip(optimizer.param_groups, configured, strict=True):
+        for key, old, new in _differences(_base_settings(group), _base_settings(settings)):
+            changes[f"{key} {old} -> {new}"] = None
+        params = group["params"]
+        group.clear()
+        group.update(copy.deepcopy(settings), params=params)
+    for i, config in enumerate(trainer.lr_scheduler_configs):
+        # A checkpoint of a run without a schedule: its steps were all at the base lr.
+        saved = saved_schedules[i] if i < len(saved_schedules) else {"last_epoch": trainer.global_step}
+        scheduler = config.scheduler
+        configured_schedule = _schedule_settings(scheduler.state_dict())
+        for key, old, new in _differences(_schedule_settings(saved), configured_schedule):
+            changes[f"{key} {old} -> {new}"] = None
+        with warnings.catch_warnings():
+            # The replay steps the schedule without optimizer steps, which torch warns of.
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
+            for _ in range(saved["last_epoch"] - scheduler.last_epoch):
+                scheduler.step()
+    if changes and trainer.is_global_zero:
+        print(
+            "note: resuming with this command's optimizer and schedule settings, which differ from the "
+            f"checkpoint's: {', '.join(changes)}",
+            file=sys.stderr,
+        )
+
+
+def _base_settings(group: dict[str, Any]) -> dict[str, Any]:
+    """A parameter group's hyperparameters, its lr the base one that a schedule scales."""
+    settings = {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
+    return {**settings, "lr": group.get("initial_lr", group["lr"])}
+
+
+def _schedule_settings(state: dict[str, Any]) -> dict[str, Any]:
+    """A scheduler state's settings: its public attributes and its multipliers', not its position."""
+    position = {"last_epoch", "base_lrs", "verbose"}
+    settings = {k: v for k, v in state.items() if not k.startswith("_") and k not in position}
+    for multiplier in settings.pop("lr_lambdas", None) or []:  # LambdaLR's, e.g. WarmupCosine's
+        settings.update(multiplier or {})
+    return settings
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]):
+    """(key, old, new) for the keys both have whose values differ (a list equal to a tuple does not)."""
+    plain = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    for key in [k for k in new if k in old]:
+        if plain(old[key]) != plain(new[key]):
+            yield key, old[key], new[key]
 
 
 def _group_sizes(optimizer_state: dict) -> dict | list:

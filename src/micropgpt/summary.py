@@ -28,8 +28,9 @@ class RunResult:
     """
 
     overrides: str
-    status: str  # "ok" or "failed"
+    status: str  # "ok", "failed" or "interrupted" (Ctrl-C, SIGTERM: resumable from last.ckpt)
     num_params: int | None = None
+    steps: int | None = None  # optimizer steps trained, the resumed ones included
     best_val_loss: float | None = None
     tokens_per_sec: float | None = None
     wall_time_s: float | None = None
@@ -83,6 +84,7 @@ COLUMNS = (
     "job",
     "overrides",
     "num_params",
+    "steps",
     "best_val_loss",
     "best_val_bpc",
     "tokens_per_sec",
