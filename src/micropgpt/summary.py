@@ -22,10 +22,14 @@ SUMMARY_MD = "summary.md"
 
 @dataclass
 class RunResult:
-    """One run's outcome. `overrides` is Hydra's override_dirname, the run's TensorBoard name."""
+    """One run's outcome. `run` is its name in TensorBoard (micropgpt.hydra_app.run_name)."""
 
-    overrides: str
+    run: str
     status: str  # "ok" or "failed"
+    optimizer: str | None = None
+    position: str | None = None
+    activation: str | None = None
+    precision: str | None = None
     num_params: int | None = None
     best_val_loss: float | None = None
     tokens_per_sec: float | None = None
@@ -65,7 +69,11 @@ def read_results(sweep_dir: Path) -> list[tuple[str, RunResult]]:
 
 COLUMNS = (
     "job",
-    "overrides",
+    "run",
+    "optimizer",
+    "position",
+    "activation",
+    "precision",
     "num_params",
     "best_val_loss",
     "best_val_bpc",
