@@ -203,7 +203,7 @@ def train(cfg: DictConfig, python_api: bool = False) -> float | None:
     if rank_zero_only.rank == 0:
         print(where_the_run_goes(cfg))
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(literal_config(cfg.data))  # a `${` in data.path is part of a name
     module = instantiate(cfg.module, vocab=datamodule.vocab, _convert_="all")
     trainer = instantiate(
         cfg.trainer,
@@ -416,7 +416,7 @@ def literal_config(node: DictConfig) -> Any:
 
     Hydra's instantiate resolves its config (OmegaConf.resolve, which unescapes `\${` into `${`)
     and then reads it (which would take that `${` for an interpolation): each value is escaped for
-    both, so a text-sample prompt such as `${x}` reaches the callback as typed.
+    both, so a text-sample prompt such as `${x}`, or a corpus so named, reaches its object as typed.
     """
 
     def escape(value: Any) -> Any:
@@ -463,14 +463,15 @@ def _parse(overrides) -> list[Override]:
 
 # --- the command line: text and paths as typed; Hydra's mistakes in one line --------------------
 
-# Natural text: taken character for character, `${` included (never an interpolation).
+# Natural text: taken character for character, `${` included (never an interpolation, nor is it
+# in a path, except in Hydra's own dirs: `${now:%H-%M-%S}` is how Hydra stamps them).
 TEXT_KEYS = ("prompt", "callbacks.text_samples.prompt")
 # Paths read: taken whole, unless a comma in a value that names no existing file makes it Hydra's
 # sweep syntax (`-m data.path=a.txt,b.txt`).
 INPUT_PATH_KEYS = ("data.path", "ckpt", "ckpt_path", "prompt_file")
 # Paths written: always taken whole (Hydra cannot sweep the run and sweep dirs anyway).
 OUTPUT_PATH_KEYS = ("data.data_dir", "out", "hydra.run.dir", "hydra.sweep.dir")
-# In a path `${...}` stays an interpolation: it is how Hydra stamps run dirs (`${now:%H-%M-%S}`).
+INTERPOLATED_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
 
 _typed_args: list[str] | None = None  # the command line as typed, while Hydra reads it quoted
 
@@ -499,7 +500,9 @@ def _verbatim(arg: str) -> str:
     sweep = key in INPUT_PATH_KEYS and "," in value and not Path(value).exists()
     if quoted or sweep:
         return arg
-    return f"{head}={QuotedString(text=value, quote=Quote.single).with_quotes()}"
+    if key in INTERPOLATED_KEYS:
+        return f"{head}={QuotedString(text=value, quote=Quote.single).with_quotes()}"
+    return f"{head}={override_value(value)}"
 
 
 def typed_override(override: str) -> str:
@@ -514,7 +517,7 @@ def typed_override(override: str) -> str:
         return override
     if not isinstance(value, str):
         return override
-    if head.lstrip("+") in TEXT_KEYS:  # undo override_value's `\${` (2n+1 backslashes: n, then ${)
+    if head.lstrip("+") not in INTERPOLATED_KEYS:  # undo override_value's `\${` (2n+1 `\`: n, `${`)
         value = re.sub(r"(\\+)\$\{", lambda m: m[1][: len(m[1]) // 2] + "${", value)
     typed = f"{head}={value}"
     return typed if _verbatim(typed) == override else override
