@@ -158,7 +158,7 @@ ERROR_CASES = {
     "text file": (["ckpt={tmp}/text.ckpt"], "is not a PyTorch checkpoint"),
     "plain state_dict": (["ckpt={tmp}/foreign.ckpt"], "not a micropgpt checkpoint: it has no hyper_param"),
     "pickle calling code": (["ckpt={tmp}/hostile.ckpt"], "is untrusted: its pickle would import"),
-    "prompt outside vocabulary": (["ckpt={run}", "prompt='Ah ☃ snow'"], "'☃' (U+2603)"),
+    "prompt outside vocabulary": (["ckpt={run}", "prompt=Ah ☃ snow"], "'☃' (U+2603)"),
     "negative max_new_tokens": (["ckpt={run}", "max_new_tokens=-1"], "max_new_tokens=-1 must be 0 or more"),
     "negative temperature": (["ckpt={run}", "temperature=-0.5"], "temperature=-0.5 must be"),
     "top_p zero": (["ckpt={run}", "top_p=0"], "top_p=0.0 must be in (0, 1]"),

@@ -407,7 +407,7 @@ def test_non_ascii_directory_corpus_trains_and_samples_from_a_non_ascii_prompt(m
             sys.executable,
             str(ROOT / "generate.py"),
             f"ckpt={run_dir}",
-            f"prompt='{PROMPT}'",
+            f"prompt={PROMPT}",
             "max_new_tokens=40",
             "device=cpu",
         ],

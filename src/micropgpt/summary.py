@@ -22,13 +22,17 @@ SUMMARY_MD = "summary.md"
 
 @dataclass
 class RunResult:
-    """One run's outcome. `overrides` is Hydra's override_dirname, the run's TensorBoard name.
+    """One run's outcome. `run` is its name in TensorBoard (micropgpt.hydra_app.run_name).
 
     `run_dir` is where the result was read from (`read_result`); result.json does not hold it.
     """
 
-    overrides: str
+    run: str
     status: str  # "ok", "failed" or "interrupted" (Ctrl-C, SIGTERM: resumable from last.ckpt)
+    optimizer: str | None = None
+    position: str | None = None
+    activation: str | None = None
+    precision: str | None = None
     num_params: int | None = None
     steps: int | None = None  # optimizer steps trained, the resumed ones included
     best_val_loss: float | None = None
@@ -82,7 +86,11 @@ def read_results(sweep_dir: Path) -> list[tuple[str, RunResult]]:
 
 COLUMNS = (
     "job",
-    "overrides",
+    "run",
+    "optimizer",
+    "position",
+    "activation",
+    "precision",
     "num_params",
     "steps",
     "best_val_loss",
