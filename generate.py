@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from micropgpt.errors import UserError, exit_on_user_error
 from micropgpt.files import atomic_write
+from micropgpt.hydra_app import run_command
 from micropgpt.sampling import samples_from_checkpoint
 
 
@@ -52,4 +53,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, "generate")

@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from micropgpt.hydra_app import null_groups_removed, require_plugin_extras, train_command
+from micropgpt.hydra_app import require_plugin_extras, run_command, train_command
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -21,5 +21,4 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     require_plugin_extras(sys.argv[1:])
-    sys.argv[1:] = null_groups_removed(sys.argv[1:])
-    main()
+    run_command(main, "train")

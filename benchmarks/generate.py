@@ -1,11 +1,13 @@
-"""Generation speed with and without the KV cache, on the seed-size model.
+"""Generation speed with and without the KV cache, and of batched samples, on the seed-size model.
 
-    python benchmarks/generate.py [--repeats 3] [--device cpu]
+    python benchmarks/generate.py [--repeats 3] [--device cpu] [--quick]
 
 Seed-size GPT (n_embd 384, n_head 4, n_layer 4, block_size 128, 65 characters) with random
 weights: speed does not depend on what the weights learned. Batch 1, a 1-character prompt, 500
-and 2,000 new characters. Runs alternate between the two paths, so that a change in machine load
-hits both alike; each line reports the median of the repeats.
+and 2,000 new characters; then 8 samples of 1,000 characters as one batch (generate.py's
+num_samples=8, one random stream per row) against one. Runs alternate between the paths compared,
+so that a change in machine load hits both alike; each line reports the median of the repeats.
+--quick only checks that the script runs (1 repeat, 20 characters, short warm-up): its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import time
 
 import torch
 
+from micropgpt.decoding import row_generators
 from micropgpt.model import GPT, GPTConfig
 
 SEED_MODEL = GPTConfig(vocab_size=65, block_size=128, n_layer=4, n_head=4, n_embd=384, dropout=0.0)
 NEW_CHARACTERS = (500, 2000)
+BATCH, BATCH_CHARACTERS = 8, 1000
 
 
 def tokens_per_second(model: GPT, new: int, kv_cache: bool, device: torch.device) -> float:
@@ -32,11 +36,23 @@ def tokens_per_second(model: GPT, new: int, kv_cache: bool, device: torch.device
     return new / (time.perf_counter() - start)
 
 
+def seconds_for_samples(model: GPT, num_samples: int, new: int, device: torch.device) -> float:
+    """Time of `num_samples` samples drawn as generate.py draws them: one batch, a stream per row."""
+    prompt = torch.zeros((num_samples, 1), dtype=torch.long, device=device)
+    start = time.perf_counter()
+    model.generate(prompt, new, generator=row_generators(0, num_samples, device)).cpu()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="1 repeat, 20 characters: a check that it runs")
     args = parser.parse_args()
+    repeats, lengths, batch_characters = (
+        (1, (20,), 20) if args.quick else (args.repeats, NEW_CHARACTERS, BATCH_CHARACTERS)
+    )
     device = torch.device(args.device)
 
     torch.manual_seed(0)
@@ -46,18 +62,28 @@ def main() -> None:
         f"model {model.num_parameters() / 1e6:.2f}M parameters, block_size {SEED_MODEL.block_size}"
     )
     for kv_cache in (True, False):  # warm-up: first calls pay one-off allocation and dispatch costs
-        tokens_per_second(model, 2 * SEED_MODEL.block_size, kv_cache, device)
+        tokens_per_second(model, lengths[0] if args.quick else 2 * SEED_MODEL.block_size, kv_cache, device)
 
-    for new in NEW_CHARACTERS:
+    for new in lengths:
         rates = {True: [], False: []}
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             for kv_cache in (True, False):
                 rates[kv_cache].append(tokens_per_second(model, new, kv_cache, device))
         cached, uncached = (statistics.median(rates[kv]) for kv in (True, False))
         print(
             f"{new:>5} new characters: KV cache {cached:8.1f} tokens/s, no cache {uncached:7.1f} tokens/s, "
-            f"{cached / uncached:5.1f}x   (median of {args.repeats})"
+            f"{cached / uncached:5.1f}x   (median of {repeats})"
         )
+
+    seconds = {1: [], BATCH: []}
+    for _ in range(repeats):
+        for num_samples in seconds:
+            seconds[num_samples].append(seconds_for_samples(model, num_samples, batch_characters, device))
+    one, batched = (statistics.median(seconds[n]) for n in (1, BATCH))
+    print(
+        f"{BATCH} batched samples cost {batched / one:.2f}x one sample "
+        f"({batch_characters} characters: {batched:.2f} s vs {one:.2f} s, median of {repeats})"
+    )
 
 
 if __name__ == "__main__":

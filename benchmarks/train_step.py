@@ -57,6 +57,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from micropgpt.model import GPT, GPTConfig  # noqa: E402
 from micropgpt.module import parameter_groups  # noqa: E402
+from train import instantiate_loggers  # noqa: E402
 
 # name -> (overrides, precision for the plain loop's autocast, compile)
 ROWS = {
@@ -180,7 +181,7 @@ class LightningRun:
         trainer = instantiate(
             self.cfg.trainer,
             max_steps=steps + 1,
-            logger=instantiate(self.cfg.logger),
+            logger=instantiate_loggers(self.cfg.get("logger")),
             callbacks=[*callbacks, step_ends],
         )
         if steps + 1 >= self.cfg.trainer.val_check_interval:

@@ -44,7 +44,7 @@ def main() -> None:
     losses = [float(row["best_val_loss"]) for row in runs]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.scatter(params, losses)
-    labels = swept_labels([row["overrides"] for row in runs])
+    labels = swept_labels([row["run"] for row in runs])
     for label, x, y in zip(labels, params, losses, strict=True):
         ax.annotate(
             label, (x, y), textcoords="offset points", xytext=(0, -8), ha="center", va="top", fontsize=8

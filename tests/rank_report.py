@@ -8,6 +8,7 @@ of the run's name, slashes and all.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -27,7 +28,8 @@ class RankReport(L.Callback):
             global_rank=trainer.global_rank,
             world_size=trainer.world_size,
             node_rank=trainer.node_rank,
-            run_dir=HydraConfig.get().runtime.output_dir,
+            # Not set in the processes that ddp_spawn starts: Lightning hands them the Trainer only.
+            run_dir=HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None,
             precision=trainer.precision,
             gradient_clip_val=trainer.gradient_clip_val,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
@@ -61,9 +63,23 @@ class RankReport(L.Callback):
         self._hook.remove()
         self.report["global_step"] = trainer.global_step
         self.report["batches"] = trainer.fit_loop.epoch_loop.batch_progress.total.completed
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Last among the callbacks: what the process takes into its exit.
+        self.report["process_group_alive"] = torch.distributed.is_initialized()
+        self.report["native_threads"] = native_thread_names()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"rank{trainer.global_rank}.json"
         path.write_text(json.dumps(self.report))
+
+
+def native_thread_names() -> list[str]:
+    """The names of this process's threads, C++ ones included (Linux)."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            names.append((task / "comm").read_text().strip())
+    return sorted(names)
 
 
 def read_reports(out_dir: Path) -> list[dict]:

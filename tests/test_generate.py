@@ -54,6 +54,18 @@ def test_same_command_prints_the_same_text(tiny_run, tmp_path):
     assert run_generate(tmp_path, *command[:-1], "seed=8").stdout != first.stdout
 
 
+def test_several_samples_are_one_reproducible_batch_whose_first_row_is_the_single_sample(tiny_run, tmp_path):
+    command = [f"ckpt={tiny_run}", "prompt=ROMEO:", "max_new_tokens=60", "seed=7"]
+    [single] = samples_of(run_generate(tmp_path, *command).stdout, "ROMEO:")
+    batch = run_generate(tmp_path, *command, "num_samples=3")
+    assert batch.returncode == 0, batch.stderr
+    samples = samples_of(batch.stdout, "ROMEO:")
+    assert samples[0] == single and len(set(samples)) == 3
+    assert SPEED_LINE.match(batch.stderr.strip().splitlines()[-1]).group(1) == "180"
+    assert run_generate(tmp_path, *command, "num_samples=3", "stream=false").stdout == batch.stdout
+    assert run_generate(tmp_path, *command, "num_samples=3").stdout == batch.stdout
+
+
 def test_a_reader_that_stops_early_ends_generation_quietly(tiny_run, tmp_path):
     # `python generate.py ... | head -c 10`: the pipe closes while characters still stream.
     cmd = [sys.executable, str(ROOT / "generate.py"), f"ckpt={tiny_run}", "max_new_tokens=20000"]
@@ -146,7 +158,7 @@ ERROR_CASES = {
     "text file": (["ckpt={tmp}/text.ckpt"], "is not a PyTorch checkpoint"),
     "plain state_dict": (["ckpt={tmp}/foreign.ckpt"], "not a micropgpt checkpoint: it has no hyper_param"),
     "pickle calling code": (["ckpt={tmp}/hostile.ckpt"], "is untrusted: its pickle would import"),
-    "prompt outside vocabulary": (["ckpt={run}", "prompt='Ah ☃ snow'"], "'☃' (U+2603)"),
+    "prompt outside vocabulary": (["ckpt={run}", "prompt=Ah ☃ snow"], "'☃' (U+2603)"),
     "negative max_new_tokens": (["ckpt={run}", "max_new_tokens=-1"], "max_new_tokens=-1 must be 0 or more"),
     "negative temperature": (["ckpt={run}", "temperature=-0.5"], "temperature=-0.5 must be"),
     "top_p zero": (["ckpt={run}", "top_p=0"], "top_p=0.0 must be in (0, 1]"),

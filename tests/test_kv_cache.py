@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from micropgpt.decoding import row_generators
 from micropgpt.model import GPT, GPTConfig
 
 VOCAB = 13
@@ -116,6 +117,39 @@ def test_same_generator_seed_same_sample():
     other = model.generate(idx, 40, generator=torch.Generator().manual_seed(8))
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
+
+
+ROWS = 5
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "sampling",
+    [{}, {"temperature": 0}, {"top_k": 3, "temperature": 2.0}, {"top_p": 0.9}, {"kv_cache": False}],
+)
+def test_batched_rows_equal_the_rows_sampled_one_by_one(dtype, sampling):
+    # 3 x BLOCK characters: past block_size, so the cache is rebuilt on the way.
+    model, idx = random_gpt(dtype), prompt_of(4)
+    batched = model.generate(
+        idx.repeat(ROWS, 1), 3 * BLOCK, generator=row_generators(3, ROWS, CPU), **sampling
+    )
+    alone = [model.generate(idx, 3 * BLOCK, generator=g, **sampling) for g in row_generators(3, ROWS, CPU)]
+    assert torch.equal(batched, torch.cat(alone))
+    if sampling.get("temperature") != 0:
+        assert len({tuple(row) for row in batched.tolist()}) == ROWS  # each row its own stream
+
+
+def test_row_streams_depend_on_the_seed_and_the_row_only():
+    model, idx = random_gpt(), prompt_of(4).repeat(ROWS, 1)
+    first = model.generate(idx, 40, generator=row_generators(7, ROWS, CPU))
+    assert torch.equal(first, model.generate(idx, 40, generator=row_generators(7, ROWS, CPU)))
+    assert torch.equal(first[:2], model.generate(idx[:2], 40, generator=row_generators(7, 2, CPU)))
+    # Row 0 is what one generator seeded with the seed gives; another seed gives other rows.
+    assert torch.equal(first[:1], model.generate(idx[:1], 40, generator=torch.Generator().manual_seed(7)))
+    other = model.generate(idx, 40, generator=row_generators(8, ROWS, CPU))
+    assert not any(torch.equal(row, other_row) for row in first for other_row in other)
+    assert row_generators(None, ROWS, CPU) is None
 
 
 DRAWS = 4000

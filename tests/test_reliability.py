@@ -597,7 +597,7 @@ def test_two_runs_started_together_get_their_own_run_dirs(tmp_path):
 
 def test_prompt_longer_than_block_size_is_cropped_with_a_note(reference, tmp_path):
     prompt = "First Citizen: Before we proceed any further, hear me speak."
-    command = [sys.executable, str(ROOT / "generate.py"), f"ckpt={reference}", f"prompt='{prompt}'"]
+    command = [sys.executable, str(ROOT / "generate.py"), f"ckpt={reference}", f"prompt={prompt}"]
     result = subprocess.run([*command, "max_new_tokens=9"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert f"note: the prompt has {len(prompt)} characters, more than block_size 32" in result.stderr

@@ -1,23 +1,22 @@
-"""Lightning callbacks the project adds: text samples and hyperparameters in TensorBoard."""
+"""Lightning callbacks the project adds: text samples and hyperparameters for every logger."""
 
 from __future__ import annotations
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
+from micropgpt.sampling import sample_batch
 from micropgpt.tokenizer import CharTokenizer
-
-
-def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
-    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+from micropgpt.trackers import has_text_place, log_text_sample
 
 
 class TextSamples(L.Callback):
-    """After each validation, sample `num_chars` characters from `prompt` into TensorBoard's Text tab.
+    """After each validation, sample `num_chars` characters from `prompt` into each tracker's text.
+
+    TensorBoard: the Text tab; MLflow: an artifact per validation; W&B: a table; CSV: nowhere.
 
     A fixed seed makes samples at different steps comparable: only the model changed.
     """
@@ -35,31 +34,32 @@ class TextSamples(L.Callback):
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        logger = _tensorboard(trainer)
-        if trainer.sanity_checking or logger is None or not self.enabled:
+        loggers = [logger for logger in trainer.loggers if has_text_place(logger)]
+        if trainer.sanity_checking or not loggers or not self.enabled:
             return
         tokenizer = CharTokenizer(pl_module.hparams.vocab)
-        prompt = torch.tensor([tokenizer.encode(self.prompt)], device=pl_module.device)
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         was_training = pl_module.training
         pl_module.eval()
-        ids = pl_module.model.generate(
-            prompt, self.num_chars, temperature=self.temperature, generator=generator
+        [text] = sample_batch(
+            pl_module.model,
+            tokenizer,
+            self.prompt,
+            1,
+            self.seed,
+            max_new_tokens=self.num_chars,
+            temperature=self.temperature,
         )
         pl_module.train(was_training)
-        text = tokenizer.decode(ids[0].tolist())
-        # TensorBoard renders Markdown; indenting every line makes it a verbatim code block.
-        logger.experiment.add_text(
-            "samples", "\n".join("    " + line for line in text.split("\n")), trainer.global_step
-        )
+        for logger in loggers:
+            log_text_sample(logger, "samples", text, trainer.global_step)
 
 
-class TensorBoardHParams(L.Callback):
-    """Writes the run's hyperparameters to TensorBoard's HParams tab at the start of training.
+class Hyperparameters(L.Callback):
+    """Gives the run's hyperparameters to every logger at the start of training.
 
     `params` are the values to compare runs by (the config chooses them); the parameter count and
-    vocabulary size are added here. The tab shows each run against the latest value of every
-    scalar named in `metrics`, which the LightningModule logs at each validation.
+    vocabulary size are added here. TensorBoard's HParams tab shows each run against the latest
+    value of every scalar named in `metrics`, which the LightningModule logs at each validation.
     """
 
     def __init__(self, params: dict, metrics: tuple[str, ...] = ("val/loss_best", "val/bpc_best")):
@@ -67,14 +67,18 @@ class TensorBoardHParams(L.Callback):
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        logger = _tensorboard(trainer)
-        if logger is None:
-            return
         params = {
             **{k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in self.params.items()},
             "num_params": pl_module.model.num_parameters(),
             "vocab_size": pl_module.model.config.vocab_size,
         }
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                self._tensorboard_hparams(logger, params)
+            else:
+                logger.log_hyperparams(params)
+
+    def _tensorboard_hparams(self, logger: TensorBoardLogger, params: dict) -> None:
         # What Lightning's TensorBoardLogger.log_hyperparams writes, minus its placeholder metric
         # values at step 0, which would draw a false first point on the metric charts.
         writer = logger.experiment._get_file_writer()

@@ -2,13 +2,15 @@
 
 `generate_stream` checks the sampling options, then yields each new column of ids: the sampler
 (temperature, top-k, top-p) picks from the last position's logits, and the loop runs the GPT
-with its KV cache (or, with kv_cache=False, over the whole window each time). `GPT.generate`
+with its KV cache (or, with kv_cache=False, over the whole window each time). Every row of the
+batch is one sample; `row_generators` gives each row its own random stream. `GPT.generate`
 collects it; micropgpt.sampling turns it into text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,6 +19,25 @@ from micropgpt.errors import UserError
 
 if TYPE_CHECKING:  # model.py imports this module for GPT.generate
     from micropgpt.model import GPT
+
+# One generator for the whole batch, one per row, or None for torch's global generator.
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def row_generators(seed: int | None, num_rows: int, device: torch.device) -> list[torch.Generator] | None:
+    """One random stream per row, so a row's sample depends only on `seed` and its row number.
+
+    Row 0 is seeded with `seed` itself (one sample is what a single seeded generator gives), row
+    r > 0 with 63 bits of BLAKE2b of "seed,r" (not seed + r, which would give seed s's second row
+    the stream of seed s + 1's first). seed=None: None, a fresh draw from torch's global generator.
+    """
+    if seed is None:
+        return None
+    seeds = [seed] + [
+        int.from_bytes(hashlib.blake2b(f"{seed},{row}".encode(), digest_size=8).digest(), "big") >> 1
+        for row in range(1, num_rows)
+    ]
+    return [torch.Generator(device).manual_seed(row_seed) for row_seed in seeds]
 
 
 def validate_sampling(
@@ -33,9 +54,10 @@ def validate_sampling(
 
 
 def sampler(
-    temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+    temperature: float, top_k: int | None, top_p: float | None, generator: Generators
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function from last-position logits (B, V) to next ids (B, 1)."""
+    """A function from last-position logits (B, V) to next ids (B, 1); with one generator per row,
+    row r draws from generator[r] only, so it samples what it would sample alone."""
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         if temperature == 0:
@@ -53,7 +75,11 @@ def sampler(
             drop = drop_sorted.scatter(-1, order, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
         probs = logits.softmax(dim=-1)
-        return torch.multinomial(probs, num_samples=1, generator=generator)
+        if generator is None or isinstance(generator, torch.Generator):
+            return torch.multinomial(probs, num_samples=1, generator=generator)
+        return torch.cat(
+            [torch.multinomial(probs[row : row + 1], 1, generator=g) for row, g in enumerate(generator)]
+        )
 
     return pick
 
@@ -67,13 +93,14 @@ def generate_stream(
     top_p: float | None = None,
     kv_cache: bool = True,
     cache_keep: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Iterator[torch.Tensor]:
     """Yield each new (B, 1) column of ids that `model` samples after `idx` (B, T), as soon as it is
     sampled.
 
     temperature=0 picks the most likely character. `top_k` keeps the k most likely, `top_p`
-    the smallest set whose probability reaches p (nucleus sampling).
+    the smallest set whose probability reaches p (nucleus sampling). `generator` is one
+    torch.Generator for the batch or a sequence of one per row (`row_generators`).
 
     Learned absolute positions stop at block_size, so a longer sequence must drop its oldest
     characters. Without the cache (`kv_cache=False`, nanoGPT's way) the last block_size
@@ -91,6 +118,8 @@ def generate_stream(
         raise UserError(f"cache_keep={keep} must be between 1 and block_size={block_size}")
     if idx.size(1) == 0:
         raise UserError("the prompt is empty: give at least one character to continue from")
+    if not (generator is None or isinstance(generator, torch.Generator)) and len(generator) != idx.size(0):
+        raise ValueError(f"{len(generator)} generators for a batch of {idx.size(0)} rows: give one per row")
     pick = sampler(temperature, top_k, top_p, generator)
     if kv_cache:
         return _stream_with_cache(model, idx, max_new_tokens, pick, keep)

@@ -11,7 +11,11 @@ commands do.
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import importlib.util
+import inspect
+import json
 import logging
 import os
 import re
@@ -22,7 +26,7 @@ import time
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, make_dataclass
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +36,32 @@ from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.types import Quote, QuotedString
-from hydra.errors import HydraException
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, Quote, QuotedString
+from hydra.errors import (
+    ConfigCompositionException,
+    HydraException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from micropgpt import slurm_launch
+from micropgpt.checkpoint import resolve_checkpoint
 from micropgpt.checkpoint_io import is_url
+from micropgpt.console import quiet_third_party_noise
 from micropgpt.errors import UserError, find_user_error
-from micropgpt.files import claim_new_dir, remove_stale_temporary_files
+from micropgpt.evaluation import prepare_evaluation, score
+from micropgpt.files import atomic_write, claim_new_dir, remove_stale_temporary_files
 from micropgpt.interrupts import TrainingInterrupted
 from micropgpt.model import GPTConfig
 from micropgpt.resume import check_resumable, resolve_ckpt_path
@@ -60,14 +75,32 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # --- resolvers used in conf/ -------------------------------------------------------------------
 
 
-def folder_name(text: str, max_bytes: int = 255) -> str:
-    """`text` cut to the file-name limit of common file systems, ending in '...' when cut.
+def run_name(max_chars: int = 60) -> str:
+    """The run's name in TensorBoard (conf/logger) and the sweep summary: what the run changed.
 
-    Run names are the run's overrides (conf/logger), and a long command line must not stop a run.
+    Its command-line overrides, less hydra.job.config.override_dirname.exclude_keys (paths, and in
+    a sweep the settings every run shares: SweepRunNames), keys without their group where that is
+    unambiguous: `n_embd=32,n_layer=2`. A longer name is cut, and ends in a hash of the whole.
     """
-    if len(text.encode()) <= max_bytes:
-        return text
-    return text.encode()[: max_bytes - 3].decode(errors="ignore") + "..."
+    hydra_config = HydraConfig.get()
+    excluded = set(hydra_config.job.config.override_dirname.exclude_keys)
+    named = [o for o in _parse(hydra_config.overrides.task) if o.key_or_group not in excluded]
+    short = [o.key_or_group.rsplit(".", 1)[-1] for o in named]
+    keys = [s if short.count(s) == 1 else o.key_or_group for s, o in zip(short, named, strict=True)]
+    name = ",".join(
+        "~" + key if o.is_delete() else f"{key}={o.get_value_element_as_str()}"
+        for key, o in zip(keys, named, strict=True)
+    )
+    if len(name) <= max_chars:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:6]
+    return f"{name[: max_chars - len(digest) - 1]}~{digest}"
+
+
+def sweep_dir() -> str | None:
+    """The sweep dir of a job of a multirun (-m), None in a single run: how trackers group a sweep."""
+    hydra_config = HydraConfig.get()
+    return hydra_config.sweep.dir if hydra_config.mode == RunMode.MULTIRUN else None
 
 
 def on_first_process(value):
@@ -80,8 +113,10 @@ def on_first_process(value):
 
 
 # replace=True: a notebook may reload this module.
-OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("on_first_process", on_first_process, replace=True)
+OmegaConf.register_new_resolver("sweep_dir", sweep_dir, replace=True)
+OmegaConf.register_new_resolver("slurm_gpus_per_node", slurm_launch.gpus_per_node, replace=True)
 
 # --- typed schemas: a wrong type fails at composition ------------------------------------------
 
@@ -116,8 +151,26 @@ class GenerateSchema:
     out: str | None = MISSING
 
 
+@dataclass
+class EvalDataSchema:
+    path: str | None = None
+    batch_size: int | None = None
+
+
+@dataclass
+class EvalSchema:
+    """The types of conf/eval.yaml's keys; `trainer` is conf/trainer's, for Trainer.validate."""
+
+    ckpt: str | None = MISSING
+    data: EvalDataSchema = field(default_factory=EvalDataSchema)
+    stride: int | None = MISSING
+    out: str | None = MISSING
+    trainer: dict[str, Any] = MISSING
+
+
 ConfigStore.instance().store(group="model", name="schema", node=ModelSchema)
 ConfigStore.instance().store(name="generate_schema", node=GenerateSchema)
+ConfigStore.instance().store(name="eval_schema", node=EvalSchema)
 
 # --- the training job --------------------------------------------------------------------------
 
@@ -166,6 +219,11 @@ def best_val_loss(trainer: L.Trainer) -> float | None:
     return None if best is None else best.item()
 
 
+def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
+    """Every logger chosen in conf/logger (the entries with a _target_; others are their shared settings)."""
+    return [instantiate(c) for c in (cfg or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
 def remove_interrupted_writes(trainer: L.Trainer) -> None:
     """Remove what writes killed before their rename (a SIGKILL, a power cut) left in the run's dirs."""
     dirs = [HydraConfig.get().runtime.output_dir, *(c.dirpath for c in trainer.checkpoint_callbacks)]
@@ -175,11 +233,11 @@ def remove_interrupted_writes(trainer: L.Trainer) -> None:
         print(f"note: removed {len(removed)} temporary file(s) of killed writes: {paths}", file=sys.stderr)
 
 
-def instantiate_callbacks(callbacks: DictConfig, logger: Any) -> list[L.Callback]:
+def instantiate_callbacks(callbacks: DictConfig, loggers: list[Logger]) -> list[L.Callback]:
     """conf/callbacks' callbacks, less those set to null (`callbacks.<name>=null`), and without a
     logger (`logger=null`) less LearningRateMonitor, which refuses a Trainer that has none."""
-    instances = [instantiate(callback) for callback in callbacks.values() if callback is not None]
-    if not logger:
+    instances = [instantiate(literal_config(c)) for c in callbacks.values() if c is not None]
+    if not loggers:
         instances = [c for c in instances if not isinstance(c, LearningRateMonitor)]
     return instances
 
@@ -190,11 +248,15 @@ def train(cfg: DictConfig, python_api: bool = False) -> float | None:
     Returns the best validation loss (what Hydra sweepers minimise).
     """
     started = time.perf_counter()
+    quiet_third_party_noise()
+    if rank_zero_only.rank == 0:
+        print(where_the_run_goes(cfg))
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(literal_config(cfg.data))  # a `${` in data.path is part of a name
     module = instantiate(cfg.module, vocab=datamodule.vocab, _convert_="all")
-    logger = instantiate(cfg.get("logger")) or False  # logger=null; the Trainer's None is a default one
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=instantiate_callbacks(cfg.callbacks, logger))
+    loggers = instantiate_loggers(cfg.get("logger"))  # none with logger=null
+    callbacks = instantiate_callbacks(cfg.callbacks, loggers)
+    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
     refuse_script_relaunch(trainer, python_api)
     if rank_zero_only.rank == 0:  # once per run, before any of its processes writes a file
         remove_interrupted_writes(trainer)
@@ -212,14 +274,15 @@ def train(cfg: DictConfig, python_api: bool = False) -> float | None:
     best = best_val_loss(trainer)
     if trainer.is_global_zero:
         run_dir = HydraConfig.get().runtime.output_dir
-        tokens_per_sec = trainer.callback_metrics.get("train/tokens_per_sec")
+        tokens_per_sec = trainer.logged_metrics.get("train/device/items_per_sec")  # ThroughputMonitor's
         result = RunResult(
-            overrides=HydraConfig.get().job.override_dirname,
+            run=run_name(),
             status="ok" if interruption is None else "interrupted",
+            **run_settings(cfg),
             num_params=module.model.num_parameters(),
             steps=trainer.global_step,
             best_val_loss=best,
-            tokens_per_sec=None if tokens_per_sec is None else tokens_per_sec.item(),
+            tokens_per_sec=None if tokens_per_sec is None else float(tokens_per_sec),
             wall_time_s=time.perf_counter() - started,
             best_checkpoint=checkpoint.best_model_path or None,
         )
@@ -229,13 +292,36 @@ def train(cfg: DictConfig, python_api: bool = False) -> float | None:
         if last is not None:
             print(f"last val/loss: {last.item():.4f} (step {trainer.global_step})")
         print(f"checkpoints:   {checkpoint.dirpath}")
-        print(f"sample with:   python generate.py ckpt={run_dir} prompt='ROMEO:' max_new_tokens=500")
+        sample = ["python", "generate.py", f"ckpt={run_dir}", "prompt=ROMEO:", "max_new_tokens=500"]
+        print(f"sample with:   {shlex.join(sample)}")
     if interruption is not None:
         raise interruption
     return best
 
 
-def record_failure(error: Exception) -> float:
+def where_the_run_goes(cfg: DictConfig) -> str:
+    """The line that starts a run: its dir, and the TensorBoard command that shows it (in a sweep:
+    the whole sweep)."""
+    hydra_config = HydraConfig.get()
+    line = f"run dir: {hydra_config.runtime.output_dir}"
+    if cfg.get("logger") is None:
+        return line
+    in_sweep = hydra_config.mode == RunMode.MULTIRUN
+    watched = hydra_config.sweep.dir if in_sweep else hydra_config.runtime.output_dir
+    return f"{line}   (watch it: tensorboard --logdir {shlex.quote(watched)})"
+
+
+def run_settings(cfg: DictConfig) -> dict[str, str | None]:
+    """What the sweep summary lists beside the run's name: the choices a run name may leave out."""
+    return {
+        "optimizer": HydraConfig.get().runtime.choices.get("optimizer"),
+        "position": cfg.model.position,
+        "activation": cfg.model.activation,
+        "precision": str(cfg.trainer.precision),
+    }
+
+
+def record_failure(error: Exception, cfg: DictConfig) -> float:
     """Keep a sweep going past a failed run: its result.json says why, and it scores +inf.
 
     Hydra's basic launcher stops the whole sweep at the first exception a job raises, and Optuna
@@ -252,8 +338,9 @@ def record_failure(error: Exception) -> float:
     write_result(
         hydra_config.runtime.output_dir,
         RunResult(
-            overrides=hydra_config.job.override_dirname,
+            run=run_name(),
             status="failed",
+            **run_settings(cfg),
             error=message.strip().splitlines()[0],
         ),
     )
@@ -263,13 +350,16 @@ def record_failure(error: Exception) -> float:
 def resume_command() -> str:
     """The command that continues this run from its last.ckpt."""
     hydra_config = HydraConfig.get()
-    overrides = [o for o in hydra_config.overrides.task if not o.startswith("ckpt_path=")]
+    overrides = [typed_override(o) for o in hydra_config.overrides.task if not o.startswith("ckpt_path=")]
     run_dir = hydra_config.runtime.output_dir
     return shlex.join(["python", "train.py", *overrides, f"hydra.run.dir={run_dir}", "ckpt_path=last"])
 
 
 def train_command(cfg: DictConfig) -> float | None:
     """`python train.py`'s job: `train`, with the command line's answers to what can go wrong."""
+    if _typed_args is not None:
+        # Lightning's DDP launcher starts the other processes with sys.argv: as typed, each quotes it.
+        sys.argv[1:] = _typed_args
     try:
         return train(cfg)
     except TrainingInterrupted as e:
@@ -283,11 +373,57 @@ def train_command(cfg: DictConfig) -> float | None:
     except Exception as e:
         user_error = find_user_error(e)
         if HydraConfig.get().mode == RunMode.MULTIRUN and not isinstance(user_error, SweepConfigError):
-            return record_failure(e)
+            return record_failure(e, cfg)
         if user_error is None:
             raise
         print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+# --- the evaluation job -----------------------------------------------------------------------
+
+RUN_CONFIG = Path(".hydra") / "config.yaml"
+
+
+def run_data_config(checkpoint: Path) -> dict:
+    """The data settings of the run that saved `checkpoint` (RUN/checkpoints/x.ckpt), from its
+    .hydra/, relative paths made absolute from the run's working directory."""
+    run_dir = checkpoint.resolve().parent.parent
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise UserError(
+            f"{checkpoint} is not inside a run dir with {RUN_CONFIG}, so its validation split is unknown; "
+            "pass data.path= a text file to evaluate on"
+        )
+    data = OmegaConf.to_container(OmegaConf.load(run_dir / RUN_CONFIG).data, resolve=True)
+    del data["_target_"], data["block_size"]  # the checkpoint's own block_size
+    cwd = Path(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.cwd)
+    for key in ("path", "data_dir"):
+        if data.get(key):
+            data[key] = str(cwd / data[key])
+    return data
+
+
+def evaluate(cfg: DictConfig, python_api: bool = False) -> dict:
+    """conf/eval.yaml's evaluation (micropgpt.evaluation) on a Trainer built from `cfg.trainer`;
+    writes `cfg.out` from the first process. Returns the result on every process."""
+    if cfg.ckpt is None:
+        raise UserError("no checkpoint given: pass ckpt= a run directory (outputs/DATE/TIME) or a .ckpt file")
+    if cfg.out is not None and Path(cfg.out).is_dir():
+        raise UserError(f"out={cfg.out} is a directory; pass a file name to write the result to")
+    file = resolve_checkpoint(cfg.ckpt)
+    whole = cfg.data.path is not None
+    data = {"path": cfg.data.path} if whole else run_data_config(file)
+    scorer, datamodule = prepare_evaluation(file, data, whole, cfg.stride, cfg.data.batch_size)
+    trainer = instantiate(cfg.trainer)
+    refuse_script_relaunch(trainer, python_api)
+    result = score(trainer, scorer, datamodule, file)
+    if cfg.out is not None and trainer.is_global_zero:
+        text = json.dumps(result, indent=2) + "\n"
+        try:
+            atomic_write(Path(cfg.out), lambda f: f.write(text.encode()))
+        except OSError as e:
+            raise UserError(f"out={cfg.out} cannot be written: {e.strerror}") from None
+    return result
 
 
 # --- Hydra callbacks (conf/train.yaml, hydra.callbacks) ----------------------------------------
@@ -295,11 +431,20 @@ def train_command(cfg: DictConfig) -> float | None:
 _raise_user_errors = False  # True while run_app runs: callbacks raise UserError instead of exiting
 
 
+class _CallbackStop(BaseException):
+    """Carries a callback's UserError to run_app; a BaseException, since Hydra turns a callback's
+    Exception into a warning and goes on."""
+
+    def __init__(self, error: UserError):
+        super().__init__(str(error))
+        self.error = error
+
+
 def _stop(error: UserError) -> typing.NoReturn:
-    """Stop on a user's mistake inside a Hydra callback: `error: ...` and exit 2 under a command
-    (Hydra would print an exception with a traceback), the exception itself under run_app."""
+    """Stop on a user's mistake inside a Hydra callback: `error: ...` and exit 2 under a command,
+    the UserError raised by run_app under the Python API."""
     if _raise_user_errors:
-        raise error
+        raise _CallbackStop(error)
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
 
@@ -368,11 +513,274 @@ class OwnRunDir(Callback):
         return None
 
 
+class CheckSlurmSubmission(Callback):
+    """Runs check_submission before a sweep on hydra/launcher=slurm submits its jobs."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if config.hydra.launcher.get("_target_") != slurm_launch.SLURM_LAUNCHER:
+            return
+        try:
+            slurm_launch.check_submission(OmegaConf.to_container(config.hydra.launcher, resolve=True))
+        except UserError as e:
+            _stop(e)
+        if not slurm_launch.has_accounting():
+            slurm_launch.poll_with_squeue()
+
+
 def override_value(text: str) -> str:
     """`text` as the value of a Hydra command-line override: quoted, and with no interpolation."""
+    return QuotedString(text=_no_interpolation(text), quote=Quote.single).with_quotes()
+
+
+def _no_interpolation(text: str) -> str:
+    """`text` as an OmegaConf string value that reads back as `text`, `${` included."""
     # OmegaConf reads `\${` as a literal `${`, and backslashes before it in pairs.
-    literal = re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + r"\${", text)
-    return QuotedString(text=literal, quote=Quote.single).with_quotes()
+    return re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + r"\${", text)
+
+
+def literal_config(node: DictConfig) -> Any:
+    r"""`node` resolved, as plain containers to instantiate, in which a `${` of a value stays text.
+
+    Hydra's instantiate resolves its config (OmegaConf.resolve, which unescapes `\${` into `${`)
+    and then reads it (which would take that `${` for an interpolation): each value is escaped for
+    both, so a text-sample prompt such as `${x}`, or a corpus so named, reaches its object as typed.
+    """
+
+    def escape(value: Any) -> Any:
+        if isinstance(value, str):
+            return _no_interpolation(_no_interpolation(value))
+        if isinstance(value, dict):
+            return {key: escape(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [escape(item) for item in value]
+        return value
+
+    return escape(OmegaConf.to_container(node, resolve=True))
+
+
+class SweepRunNames(Callback):
+    """Names each run of a sweep by what varies across the sweep (run_name): `n_embd=16`, not all of
+    the overrides every run shares.
+
+    What varies: the sweep overrides of the command line (`a,b`, range, choice, interval...) and what
+    the sweeper adds to each job (Optuna's search space). What every run shares, the command line's
+    other overrides, joins hydra.job.config.override_dirname.exclude_keys before the launcher
+    composes each job's config from hydra.overrides.hydra (as OwnRunDir does with the sweep dir).
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        overrides = _parse(config.hydra.overrides.task)
+        if not any(o.is_sweep_override() for o in overrides) and not config.hydra.sweeper.get("params"):
+            return  # nothing varies: each run is named as a single run
+        exclude = [
+            *config.hydra.job.config.override_dirname.exclude_keys,
+            *(o.key_or_group for o in overrides if not o.is_sweep_override()),
+        ]
+        exclude_override = "hydra.job.config.override_dirname.exclude_keys"
+        with open_dict(config.hydra):
+            config.hydra.job.config.override_dirname.exclude_keys = exclude
+            kept = [o for o in config.hydra.overrides.hydra if not o.startswith(exclude_override + "=")]
+            listed = ",".join(override_value(key) for key in exclude)
+            config.hydra.overrides.hydra = [*kept, f"{exclude_override}=[{listed}]"]
+
+
+def _parse(overrides) -> list[Override]:
+    return OverridesParser.create().parse_overrides(list(overrides))
+
+
+# --- the command line: text and paths as typed; Hydra's mistakes in one line --------------------
+
+# Natural text: taken character for character, `${` included (never an interpolation, nor is it
+# in a path, except in Hydra's own dirs: `${now:%H-%M-%S}` is how Hydra stamps them).
+TEXT_KEYS = ("prompt", "callbacks.text_samples.prompt")
+# Paths read: taken whole, unless a comma in a value that names no existing file makes it Hydra's
+# sweep syntax (`-m data.path=a.txt,b.txt`).
+INPUT_PATH_KEYS = ("data.path", "ckpt", "ckpt_path", "prompt_file")
+# Paths written: always taken whole (Hydra cannot sweep the run and sweep dirs anyway).
+OUTPUT_PATH_KEYS = ("data.data_dir", "out", "hydra.run.dir", "hydra.sweep.dir")
+INTERPOLATED_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
+
+_typed_args: list[str] | None = None  # the command line as typed, while Hydra reads it quoted
+
+
+def verbatim_overrides(args: list[str] | tuple[str, ...]) -> list[str]:
+    """`args` (a command line's, or micropgpt.train's overrides) with the values of TEXT_KEYS and
+    the path keys as Hydra override values that compose to exactly the characters typed.
+
+    A path is left as it is when it is `null`, already in quotes (`'a b'`, `"a b"`: Lightning's
+    DDP launcher passes the run dir so), or is a sweep of paths (INPUT_PATH_KEYS); the other
+    arguments (options, sweeps, `+key=`, lists) are Hydra's.
+    """
+    return [_verbatim(arg) for arg in args]
+
+
+def _verbatim(arg: str) -> str:
+    head, equals, value = arg.partition("=")
+    key = head.lstrip("+")
+    if not equals or arg.startswith("-") or len(head) - len(key) > 2:
+        return arg
+    if key in TEXT_KEYS:
+        return f"{head}={override_value(value)}"
+    if key not in INPUT_PATH_KEYS + OUTPUT_PATH_KEYS or value == "null":
+        return arg
+    quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+    sweep = key in INPUT_PATH_KEYS and "," in value and not Path(value).exists()
+    if quoted or sweep:
+        return arg
+    if key in INTERPOLATED_KEYS:
+        return f"{head}={QuotedString(text=value, quote=Quote.single).with_quotes()}"
+    return f"{head}={override_value(value)}"
+
+
+def typed_override(override: str) -> str:
+    """The command-line argument that verbatim_overrides turns into `override`: what to print in a
+    command for a user to run again (the resume command)."""
+    head, _, _ = override.partition("=")
+    if head.lstrip("+") not in TEXT_KEYS + INPUT_PATH_KEYS + OUTPUT_PATH_KEYS:
+        return override
+    try:
+        value = OverridesParser.create().parse_override(override).value()
+    except OverrideParseException:
+        return override
+    if not isinstance(value, str):
+        return override
+    if head.lstrip("+") not in INTERPOLATED_KEYS:  # undo override_value's `\${` (2n+1 `\`: n, `${`)
+        value = re.sub(r"(\\+)\$\{", lambda m: m[1][: len(m[1]) // 2] + "${", value)
+    typed = f"{head}={value}"
+    return typed if _verbatim(typed) == override else override
+
+
+def run_command(main: Callable[[], Any], config_name: str) -> None:
+    """Run `main`, an entry script's @hydra.main function, on sys.argv as the user typed it: text
+    and paths verbatim (verbatim_overrides), and a mistake Hydra finds in composing the config
+    (a misspelt key, a missing `+`, a bad value) in one `error:` line with exit status 2."""
+    global _typed_args
+    typed = sys.argv[1:]
+    _typed_args = typed
+    sys.argv[1:] = verbatim_overrides(null_groups_removed(typed))
+    # Hydra prints its composition errors over several lines and exits 1; HYDRA_FULL_ERROR makes
+    # it raise them instead. Set by the user, it keeps Hydra's report in full.
+    full_error_by_user = "HYDRA_FULL_ERROR" in os.environ
+    os.environ["HYDRA_FULL_ERROR"] = os.environ.get("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except (ConfigCompositionException, OverrideParseException) as e:
+        if full_error_by_user:
+            raise
+        print(f"error: {composition_error(e, config_name, sys.argv[1:])}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        sys.argv[1:] = typed
+        _typed_args = None
+        if not full_error_by_user:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+def composition_error(error: HydraException, config_name: str, overrides: list[str]) -> str:
+    """Hydra's report of a composition mistake as one line that names the key and, where there is
+    one, the closest valid key (a key of the config, or an argument of a `_target_` it does not set)."""
+    message = str(error).strip()
+    command = f"python {config_name}.py"
+    if isinstance(error, OverrideParseException):
+        reason = message.splitlines()[0]
+        return f"cannot read the override {error.override!r}: {reason} (Hydra's override grammar)"
+    if isinstance(error, MissingConfigException) and error.options:
+        missing = re.search(r"Could not find '([^']+)'", message)
+        group, _, option = (missing[1] if missing else "").rpartition("/")
+        close = difflib.get_close_matches(option, error.options, n=1)
+        hint = f"did you mean {group}={close[0]}? " if close else ""
+        return f"{group}={option}: no such option; {hint}(options: {', '.join(error.options)})"
+    if missing := re.match(r"Could not (override|delete from config\.) '?([^' ]+)'?", message):
+        key, delete = missing[2], missing[1] != "override"
+        value = _typed_value(key, overrides)
+        config_keys, arguments = _known_keys(config_name, [o for o in overrides if _key_of(o) != key])
+        if key in arguments and not delete:
+            return (
+                f"{key} is not in the config, so it needs a +: +{key}={value} "
+                f"(it is an argument of {arguments[key]} that the config leaves at its default)"
+            )
+        close = _closest(key, config_keys if delete else [*config_keys, *arguments])
+        if close is None:
+            return f"no key {key} in the config ({command} --cfg job lists them)" + (
+                "" if delete else f"; +{key}={value} adds one"
+            )
+        if delete:
+            return f"no key {key} in the config to delete; did you mean ~{close}?"
+        if close in arguments:
+            return (
+                f"no key {key} in the config; did you mean {close}? It is an argument of "
+                f"{arguments[close]} that the config does not set, so it needs a +: +{close}={value}"
+            )
+        return f"no key {key} in the config; did you mean {close}? ({close}={value})"
+    if present := re.match(r"Could not append to config\. An item is already at '([^']+)'", message):
+        key = present[1]
+        return f"{key} is already in the config: drop the +, {key}={_typed_value(key, overrides)}"
+    if ambiguous := re.match(r"Ambiguous value for argument '(.*)'\n", message):
+        return (
+            f"{ambiguous[1]}: a comma separates several values; add -m to run one job for each, "
+            "or write a list as key=[a,b]"
+        )
+    if merging := re.match(r"Error merging override (.*)", message):
+        return f"{merging[1]}: {str(error.__cause__).strip().splitlines()[0]}"
+    lines = [line.strip() for e in (error, error.__cause__) if e for line in str(e).splitlines()]
+    return "; ".join(line for line in lines if line and not line.startswith(("full_key:", "object_type=")))
+
+
+def _closest(key: str, keys: list[str]) -> str | None:
+    """The key of `keys` closest to `key`, else the one whose last part is closest to its last part
+    (`prompt` finds callbacks.text_samples.prompt); None when none is close."""
+    close = difflib.get_close_matches(key, keys, n=1)
+    if close:
+        return close[0]
+    by_last_part = {k.rsplit(".", 1)[-1]: k for k in reversed(keys)}
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_last_part), n=1, cutoff=0.8)
+    return by_last_part[close[0]] if close else None
+
+
+def _key_of(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def _typed_value(key: str, overrides: list[str]) -> str:
+    """The value given for `key` on the command line, as typed."""
+    values = [typed_override(o).partition("=")[2] for o in overrides if _key_of(o) == key]
+    return values[-1] if values else "..."
+
+
+def _known_keys(config_name: str, overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Every key of the composed config (hydra's included), and each argument of a `_target_` in it
+    that the config does not set (key: target); composed with `overrides` where they compose."""
+    singles = [o for o in overrides if not o.startswith("-")]
+    GlobalHydra.instance().clear()
+    for attempt in (singles, []):
+        try:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                cfg = hydra_compose(config_name, overrides=attempt, return_hydra_config=True)
+            break
+        except (HydraException, OmegaConfBaseException):
+            continue
+    else:
+        return [], {}
+    config_keys: list[str] = []
+    arguments: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if not isinstance(node, dict):
+            return
+        for name, child in node.items():
+            config_keys.append(prefix + str(name))
+            walk(child, f"{prefix}{name}.")
+        target = node.get("_target_")
+        try:
+            parameters = inspect.signature(get_object(target)).parameters if isinstance(target, str) else {}
+        except (ImportError, ValueError, TypeError, HydraException):
+            parameters = {}
+        for name, parameter in parameters.items():
+            if name not in node and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                arguments[prefix + name] = target
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return config_keys, arguments
 
 
 def null_groups_removed(argv: list[str]) -> list[str]:
@@ -435,13 +843,14 @@ def _conf(job_name: str) -> Iterator[None]:
     except (HydraException, OmegaConfBaseException) as e:
         # A bad override or config value: what the command prints (the error and its cause), in one line.
         lines = [line.strip() for error in (e, e.__cause__) if error for line in str(error).splitlines()]
-        raise UserError("; ".join(line for line in lines if line)) from None
+        context = ("full_key:", "reference_type=", "object_type=")  # OmegaConf's, about its own nodes
+        raise UserError(" ".join(line for line in lines if line and not line.startswith(context))) from None
 
 
 def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """conf/<config_name>.yaml composed with `overrides`, without the hydra node."""
     with _conf(config_name):
-        return hydra_compose(config_name, overrides=list(overrides))
+        return hydra_compose(config_name, overrides=null_groups_removed(list(overrides)))
 
 
 def run_app(config_name: str, overrides: list[str], task: Callable[[DictConfig], Any]) -> Any:
@@ -461,7 +870,10 @@ def run_app(config_name: str, overrides: list[str], task: Callable[[DictConfig],
     _raise_user_errors = True
     try:
         with _conf(config_name):
-            GlobalHydra.instance().hydra.run(config_name=config_name, task_function=job, overrides=overrides)
+            hydra = GlobalHydra.instance().hydra
+            hydra.run(config_name=config_name, task_function=job, overrides=null_groups_removed(overrides))
+    except _CallbackStop as stop:
+        raise stop.error from None
     finally:
         _raise_user_errors = False
     if "error" in outcome:
@@ -471,3 +883,26 @@ def run_app(config_name: str, overrides: list[str], task: Callable[[DictConfig],
             raise user_error from None
         raise error
     return outcome["value"]
+
+
+def merged(cfg: DictConfig, values: dict[str, Any]) -> DictConfig:
+    """`cfg` with `values` (keyword arguments of the Python API) merged in, typed by its schema."""
+    try:
+        return OmegaConf.merge(cfg, values)
+    except OmegaConfBaseException as e:
+        raise UserError(str(e).splitlines()[0]) from None
+
+
+def train_from_python(overrides: list[str]) -> Path:
+    """`python train.py *overrides` in this process (micropgpt.train); returns the run dir."""
+
+    def job(cfg: DictConfig) -> Path:
+        train(cfg, python_api=True)
+        return Path(HydraConfig.get().runtime.output_dir)
+
+    return run_app("train", overrides, job)
+
+
+def evaluate_from_python(values: dict[str, Any], overrides: list[str]) -> dict:
+    """`python eval.py *overrides` with `values` set (micropgpt.evaluate)."""
+    return run_app("eval", overrides, lambda cfg: evaluate(merged(cfg, values), python_api=True))

@@ -4,7 +4,7 @@ Lightning 2.6 by itself leaves no checkpoint on Ctrl-C (KeyboardInterrupt, exit 
 SIGTERM raises SIGTERMException, which exits with status 0 and may fire in the middle of a
 validation. StopOnSignal instead lets the current optimizer step finish, writes last.ckpt,
 validates the final weights (checkpointed again, best.ckpt too) and raises TrainingInterrupted.
-SIGUSR1 (Lightning's SLURM requeue) is left to Lightning.
+SIGUSR1 (SLURM's time-limit warning) is micropgpt.slurm_requeue's.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from micropgpt.cpu_kernels import Dropout, Linear, causal_attention
-from micropgpt.decoding import generate_stream
+from micropgpt.decoding import Generators, generate_stream
 from micropgpt.errors import UserError
 
 
@@ -221,7 +221,7 @@ class GPT(nn.Module):
         top_p: float | None = None,
         kv_cache: bool = True,
         cache_keep: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> torch.Tensor:
         """Extend `idx` (B, T) by `max_new_tokens` sampled ids and return the whole (B, T + new).
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterable
 
 import lightning as L
@@ -17,6 +16,7 @@ from torchmetrics import MeanMetric, MinMetric
 from micropgpt.model import GPT, GPTConfig
 from micropgpt.optim import MUON_GROUP
 from micropgpt.resume import follow_config, optimizer_settings
+from micropgpt.throughput import forward_flops, matrix_weights
 
 OptimizerFactory = Callable[[Iterable[dict]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
@@ -85,8 +85,9 @@ class GPTModule(L.LightningModule):
         # Persistent, so that the best value so far survives a resume.
         self.val_loss_best = MinMetric()
         self.val_loss_best.persistent(True)
-        self._tokens_since_log = 0
-        self._last_log_time: float | None = None
+        # flops_per_batch is read by Lightning's ThroughputMonitor after each batch, for FLOP/s and MFU.
+        self.flops_per_batch = 0
+        self._matrix_weights = matrix_weights(self.model)
         self._configured_optimizer: list[dict] = []  # optimizer_settings at step 0, for a resume
         self._saved_schedules: list[dict] | None = None  # a resumed checkpoint's, until on_train_start
 
@@ -103,7 +104,9 @@ class GPTModule(L.LightningModule):
         inputs, targets = batch
         _, loss = (self._compiled_forward or self.model)(inputs, targets)
         self.log("train/loss", loss, prog_bar=True)
-        self._tokens_since_log += inputs.numel()
+        self.flops_per_batch = 3 * forward_flops(
+            self._matrix_weights, self.model.config, inputs
+        )  # the backward costs 2 forwards
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -115,22 +118,12 @@ class GPTModule(L.LightningModule):
             # Lightning validates when told to stop, not at a max_steps (or end of the last epoch)
             # between two val_check_intervals: so the final weights are validated and checkpointed.
             trainer.should_stop = True
-        now = time.perf_counter()
-        if self._last_log_time is None:
-            self._last_log_time, self._tokens_since_log = now, 0
-        elif trainer.global_step % trainer.log_every_n_steps == 0:
-            # Tokens this process trained on; with several devices the total is devices x this.
-            self.log("train/tokens_per_sec", self._tokens_since_log / (now - self._last_log_time))
-            self._last_log_time, self._tokens_since_log = now, 0
-
-    def on_validation_start(self) -> None:
-        # Validation time is not training time.
-        self._last_log_time = None
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         inputs, targets = batch
         _, loss = self.model(inputs, targets)
         self.val_loss.update(loss, weight=targets.numel())
+        self.flops_per_batch = forward_flops(self._matrix_weights, self.model.config, inputs)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # synchronised over all processes: the same on every rank

@@ -1,7 +1,7 @@
 """From a checkpoint and a prompt to text samples: device choice, prompt, loading, streaming, timing.
 
-generate.py and micropgpt.sample are built on `samples_from_checkpoint`; `GPT.generate` (over
-micropgpt.decoding) is the tensor-level API.
+generate.py and micropgpt.sample are built on `samples_from_checkpoint`, and they and TextSamples
+sample through `sample_columns`; `GPT.generate` (over micropgpt.decoding) is the tensor-level API.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from micropgpt.checkpoint import load_checkpoint, resolve_checkpoint
-from micropgpt.decoding import generate_stream, validate_sampling
+from micropgpt.decoding import generate_stream, row_generators, validate_sampling
 from micropgpt.errors import UserError
 from micropgpt.model import GPT
 from micropgpt.tokenizer import CharTokenizer
@@ -59,42 +59,84 @@ class Speed:
         return f"{self.tokens} tokens in {self.seconds:.2f} s, {rate:.1f} tokens/s"
 
 
+def sample_columns(
+    model: GPT, tokenizer: CharTokenizer, prompt: str, num_samples: int, seed: int | None, **sampling
+) -> Iterator[torch.Tensor]:
+    """The one sampling path of generate.py, micropgpt.sample and TextSamples: `prompt` in each of
+    `num_samples` rows, sampled as one batch with one KV cache, row r from its own random stream
+    (decoding.row_generators), so the samples are reproducible for a given seed and count and N
+    rows cost little more than one. Yields each new (num_samples, 1) column of ids; `sampling`
+    are generate_stream's keyword arguments, checked here, before the first column.
+    """
+    if num_samples < 1:
+        raise UserError(f"num_samples={num_samples} must be at least 1")
+    device = next(model.parameters()).device
+    idx = torch.tensor([tokenizer.encode(prompt)] * num_samples, dtype=torch.long, device=device)
+    return generate_stream(model, idx, generator=row_generators(seed, num_samples, device), **sampling)
+
+
+def sample_batch(
+    model: GPT, tokenizer: CharTokenizer, prompt: str, num_samples: int, seed: int | None, **sampling
+) -> list[str]:
+    """`sample_columns` to text: each sample is the prompt and its new characters."""
+    columns = sample_columns(model, tokenizer, prompt, num_samples, seed, **sampling)
+    return _texts(columns, tokenizer, prompt, num_samples)
+
+
+def _texts(
+    columns: Iterator[torch.Tensor], tokenizer: CharTokenizer, prompt: str, num_samples: int
+) -> list[str]:
+    columns = list(columns)
+    rows = torch.cat(columns, dim=1).tolist() if columns else [[]] * num_samples
+    return [prompt + tokenizer.decode(row) for row in rows]
+
+
 def sample_texts(
     model: GPT,
     tokenizer: CharTokenizer,
     prompt: str,
     num_samples: int,
     speed: Speed,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     **sampling,
 ) -> Iterator[str]:
-    """Pieces of text as they are produced: each sample is the prompt, its new characters one by
-    one, then SEPARATOR. `sampling` are generate_stream's keyword arguments; `speed`
-    accumulates the new characters and the time spent producing them.
+    """Pieces of text as they are produced, each sample the prompt, its new characters, then
+    SEPARATOR. One sample comes character by character; several are one batch (`sample_columns`),
+    which finishes all rows together, so they come whole, one after another, when it is done.
+    `speed` accumulates the new characters and the time spent producing them.
 
     Everything is checked before the first piece, so a bad value never leaves partial output.
     """
-    if num_samples < 1:
-        raise UserError(f"num_samples={num_samples} must be at least 1")
-    device = next(model.parameters()).device
-    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
-    streams = [generate_stream(model, idx, generator=generator, **sampling) for _ in range(num_samples)]
-    return _pieces(streams, tokenizer, prompt, speed)
+    columns = sample_columns(model, tokenizer, prompt, num_samples, seed, **sampling)
+    if num_samples == 1:
+        return _characters(columns, tokenizer, prompt, speed)
+    return _whole_samples(columns, tokenizer, prompt, num_samples, speed)
 
 
-def _pieces(
-    streams: list[Iterator[torch.Tensor]], tokenizer: CharTokenizer, prompt: str, speed: Speed
+def _characters(
+    columns: Iterator[torch.Tensor], tokenizer: CharTokenizer, prompt: str, speed: Speed
 ) -> Iterator[str]:
-    for stream in streams:
-        yield prompt
-        start = time.perf_counter()
-        for next_id in stream:
-            character = tokenizer.vocab[next_id.item()]
-            speed.seconds += time.perf_counter() - start
-            speed.tokens += 1
-            yield character
-            start = time.perf_counter()
+    yield prompt
+    start = time.perf_counter()
+    for next_id in columns:
+        character = tokenizer.vocab[next_id.item()]
         speed.seconds += time.perf_counter() - start
+        speed.tokens += 1
+        yield character
+        start = time.perf_counter()
+    speed.seconds += time.perf_counter() - start
+    yield SEPARATOR
+
+
+def _whole_samples(
+    columns: Iterator[torch.Tensor], tokenizer: CharTokenizer, prompt: str, num_samples: int, speed: Speed
+) -> Iterator[str]:
+    start = time.perf_counter()
+    texts = _texts(columns, tokenizer, prompt, num_samples)
+    speed.seconds += time.perf_counter() - start
+    speed.tokens += sum(len(text) - len(prompt) for text in texts)
+    for text in texts:
+        yield text
         yield SEPARATOR
 
 
@@ -151,7 +193,6 @@ def samples_from_checkpoint(
     prompt = read_prompt(prompt, prompt_file)
     file = resolve_checkpoint(ckpt)
     model, tokenizer = load_checkpoint(file, device)
-    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     speed = Speed()
     pieces = sample_texts(
         model,
@@ -159,7 +200,7 @@ def samples_from_checkpoint(
         prompt,
         num_samples,
         speed,
-        generator,
+        seed,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,

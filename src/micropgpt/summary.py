@@ -22,10 +22,17 @@ SUMMARY_MD = "summary.md"
 
 @dataclass
 class RunResult:
-    """One run's outcome. `overrides` is Hydra's override_dirname, the run's TensorBoard name."""
+    """One run's outcome. `run` is its name in TensorBoard (micropgpt.hydra_app.run_name).
 
-    overrides: str
+    `run_dir` is where the result was read from (`read_result`); result.json does not hold it.
+    """
+
+    run: str
     status: str  # "ok", "failed" or "interrupted" (Ctrl-C, SIGTERM: resumable from last.ckpt)
+    optimizer: str | None = None
+    position: str | None = None
+    activation: str | None = None
+    precision: str | None = None
     num_params: int | None = None
     steps: int | None = None  # optimizer steps trained, the resumed ones included
     best_val_loss: float | None = None
@@ -33,15 +40,28 @@ class RunResult:
     wall_time_s: float | None = None
     best_checkpoint: str | None = None
     error: str | None = None
+    run_dir: str | None = None
 
     @property
     def best_val_bpc(self) -> float | None:
         return None if self.best_val_loss is None else self.best_val_loss / math.log(2)
 
 
+def _stored(result: RunResult) -> dict:
+    fields = asdict(result)
+    del fields["run_dir"]
+    return fields
+
+
 def write_result(run_dir: Path, result: RunResult) -> None:
-    text = json.dumps(asdict(result), indent=2) + "\n"
+    text = json.dumps(_stored(result), indent=2) + "\n"
     atomic_write(Path(run_dir) / RESULT_FILE, lambda f: f.write(text.encode()))
+
+
+def read_result(run_dir: Path) -> RunResult:
+    """The result.json of the run in `run_dir`, with its run_dir."""
+    fields = json.loads((Path(run_dir) / RESULT_FILE).read_text())
+    return RunResult(**fields, run_dir=str(run_dir))
 
 
 def read_results(sweep_dir: Path) -> list[tuple[str, RunResult]]:
@@ -66,7 +86,11 @@ def read_results(sweep_dir: Path) -> list[tuple[str, RunResult]]:
 
 COLUMNS = (
     "job",
-    "overrides",
+    "run",
+    "optimizer",
+    "position",
+    "activation",
+    "precision",
     "num_params",
     "steps",
     "best_val_loss",
@@ -84,7 +108,7 @@ def _row(job: str, result: RunResult, sweep_dir: Path) -> dict:
     if checkpoint and Path(checkpoint).is_relative_to(sweep_dir):
         checkpoint = Path(checkpoint).relative_to(sweep_dir).as_posix()
     return {
-        **asdict(result),
+        **_stored(result),
         "job": job,
         "best_val_bpc": result.best_val_bpc,
         "best_checkpoint": checkpoint,
