@@ -46,7 +46,7 @@ from hydra.errors import (
 )
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from hydra.utils import get_object, instantiate
+from hydra.utils import get_method, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
@@ -772,7 +772,7 @@ def _known_keys(config_name: str, overrides: list[str]) -> tuple[list[str], dict
             walk(child, f"{prefix}{name}.")
         target = node.get("_target_")
         try:
-            parameters = inspect.signature(get_object(target)).parameters if isinstance(target, str) else {}
+            parameters = inspect.signature(get_method(target)).parameters if isinstance(target, str) else {}
         except (ImportError, ValueError, TypeError, HydraException):
             parameters = {}
         for name, parameter in parameters.items():
