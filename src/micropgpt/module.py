@@ -111,7 +111,7 @@ class GPTModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         trainer = self.trainer
-        last_epoch = trainer.current_epoch + 1 >= trainer.max_epochs > 0
+        last_epoch = trainer.current_epoch + 1 >= (trainer.max_epochs or -1) > 0
         if trainer.global_step >= trainer.max_steps > 0 or (
             last_epoch and batch_idx + 1 >= trainer.num_training_batches
         ):
