@@ -197,7 +197,7 @@ def test_what_stays_hydras(tmp_path):
         "-m",
         "model.n_embd=16,32",
         "+trainer.max_time=00:00:01:00",
-        "data.path=a.txt,b.txt",  # no such file: a sweep over two paths
+        "data.path=choice(a.txt,b.txt)",
         "ckpt=null",
         "hydra.run.dir='already quoted'",
         'hydra.run.dir="as Lightning passes it"',
@@ -205,6 +205,8 @@ def test_what_stays_hydras(tmp_path):
     ]
     assert verbatim_overrides(args) == args
     assert verbatim_overrides([f"data.path={existing}"]) == [f"data.path='{existing}'"]
+    # No such file: a comma separates the paths of a sweep, each taken whole.
+    assert verbatim_overrides(["data.path=a b.txt,ü.txt"]) == ["data.path='a b.txt','ü.txt'"]
 
 
 def test_a_long_single_run_name_is_cut_with_a_stable_hash(unicode_run):
@@ -214,3 +216,20 @@ def test_a_long_single_run_name_is_cut_with_a_stable_hash(unicode_run):
     # TINY's keys without their groups and the paths left out, cut to 60 characters with a hash.
     assert len(name) == 60 and name[-7] == "~"
     assert name[:53] == "n_layer=2,n_head=2,n_embd=32,block_size=32,batch_size=16,val_check_interval=20"[:53]
+
+
+def test_a_sweep_over_two_paths_runs_one_job_each_named_by_the_file(tmp_path, unicode_run):
+    from test_sweep import FIXED, read_summary
+
+    _, text, _ = unicode_run
+    first, second = tmp_path / "один.txt", tmp_path / "два.txt"
+    first.write_text(text.read_text(encoding="utf-8")[:50_000], encoding="utf-8")
+    second.write_text(text.read_text(encoding="utf-8")[50_000:], encoding="utf-8")
+    sweep_dir = tmp_path / "sweep dir ü"
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", f"hydra.sweep.dir={sweep_dir}"]
+    cmd += [f"data.data_dir={tmp_path / 'data'}", *(f"{k}={v}" for k, v in FIXED.items()), "model.n_embd=8"]
+    result = subprocess.run(
+        [*cmd, "data.path=один.txt,два.txt"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(row["run"] for row in read_summary(sweep_dir)) == ["path=два.txt", "path=один.txt"]

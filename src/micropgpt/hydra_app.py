@@ -87,9 +87,11 @@ def run_name(max_chars: int = 60) -> str:
     named = [o for o in _parse(hydra_config.overrides.task) if o.key_or_group not in excluded]
     short = [o.key_or_group.rsplit(".", 1)[-1] for o in named]
     keys = [s if short.count(s) == 1 else o.key_or_group for s, o in zip(short, named, strict=True)]
+    # A string as it reads (a path quoted by verbatim_overrides without its quotes), else Hydra's form.
+    values = [o.value() if isinstance(o.value(), str) else o.get_value_element_as_str() for o in named]
     name = ",".join(
-        "~" + key if o.is_delete() else f"{key}={o.get_value_element_as_str()}"
-        for key, o in zip(keys, named, strict=True)
+        "~" + key if o.is_delete() else f"{key}={value}"
+        for key, o, value in zip(keys, named, values, strict=True)
     )
     if len(name) <= max_chars:
         return name
@@ -572,8 +574,9 @@ class SweepRunNames(Callback):
         overrides = _parse(config.hydra.overrides.task)
         if not any(o.is_sweep_override() for o in overrides) and not config.hydra.sweeper.get("params"):
             return  # nothing varies: each run is named as a single run
-        exclude = [
-            *config.hydra.job.config.override_dirname.exclude_keys,
+        swept = {o.key_or_group for o in overrides if o.is_sweep_override()}
+        exclude = [  # a swept path is named too: `-m data.path=a.txt,b.txt` gives path=a.txt, path=b.txt
+            *(key for key in config.hydra.job.config.override_dirname.exclude_keys if key not in swept),
             *(o.key_or_group for o in overrides if not o.is_sweep_override()),
         ]
         exclude_override = "hydra.job.config.override_dirname.exclude_keys"
@@ -593,8 +596,8 @@ def _parse(overrides) -> list[Override]:
 # Natural text: taken character for character, `${` included (never an interpolation, nor is it
 # in a path, except in Hydra's own dirs: `${now:%H-%M-%S}` is how Hydra stamps them).
 TEXT_KEYS = ("prompt", "callbacks.text_samples.prompt")
-# Paths read: taken whole, unless a comma in a value that names no existing file makes it Hydra's
-# sweep syntax (`-m data.path=a.txt,b.txt`).
+# Paths read: taken whole, unless a comma in a value that names no existing file separates the
+# paths of a sweep (`-m data.path=a.txt,b.txt`, each taken whole).
 INPUT_PATH_KEYS = ("data.path", "ckpt", "ckpt_path", "prompt_file")
 # Paths written: always taken whole (Hydra cannot sweep the run and sweep dirs anyway).
 OUTPUT_PATH_KEYS = ("data.data_dir", "out", "hydra.run.dir", "hydra.sweep.dir")
@@ -608,7 +611,7 @@ def verbatim_overrides(args: list[str] | tuple[str, ...]) -> list[str]:
     the path keys as Hydra override values that compose to exactly the characters typed.
 
     A path is left as it is when it is `null`, already in quotes (`'a b'`, `"a b"`: Lightning's
-    DDP launcher passes the run dir so), or is a sweep of paths (INPUT_PATH_KEYS); the other
+    DDP launcher passes the run dir so) or a sweep function (`choice(a.txt,b.txt)`); the other
     arguments (options, sweeps, `+key=`, lists) are Hydra's.
     """
     return [_verbatim(arg) for arg in args]
@@ -624,9 +627,10 @@ def _verbatim(arg: str) -> str:
     if key not in INPUT_PATH_KEYS + OUTPUT_PATH_KEYS or value == "null":
         return arg
     quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
-    sweep = key in INPUT_PATH_KEYS and "," in value and not Path(value).exists()
-    if quoted or sweep:
+    if quoted or re.fullmatch(r"\w+\(.*\)", value, re.DOTALL):  # in quotes, or choice(...), glob(...)
         return arg
+    if key in INPUT_PATH_KEYS and "," in value and not Path(value).exists():  # a sweep: each path quoted
+        return f"{head}={','.join(override_value(path) for path in value.split(','))}"
     if key in INTERPOLATED_KEYS:
         return f"{head}={QuotedString(text=value, quote=Quote.single).with_quotes()}"
     return f"{head}={override_value(value)}"
