@@ -48,7 +48,8 @@ def test_train_sample_and_evaluate_from_python_outside_the_project(tmp_path, cor
             train_cfg = compose("train", overrides=["model.n_embd=64"])
             generate_cfg = compose("generate", overrides=["max_new_tokens=7"])
         try:
-            micropgpt.train(["model.n_embd=abc"])
+            # The prompt as typed (Hydra's grammar alone would refuse its quote): only n_embd is wrong.
+            micropgpt.train(["callbacks.text_samples.prompt=What's this, ROMEO?", "model.n_embd=abc"])
         except micropgpt.UserError as e:
             typed = str(e)
         first = micropgpt.train({overrides!r})

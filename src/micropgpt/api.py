@@ -29,7 +29,7 @@ _NOT_FOR_SAMPLE = ("num_samples", "stream", "out")
 def _overrides(overrides: Sequence[str]) -> list[str]:
     if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
         raise UserError(f"overrides={overrides!r}: pass a list of strings, e.g. ['trainer.max_steps=100']")
-    return list(overrides)
+    return hydra_app.verbatim_overrides(overrides)  # text and paths as typed, as the commands take them
 
 
 def train(overrides: Sequence[str] = ()) -> RunResult:
