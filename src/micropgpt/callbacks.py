@@ -80,7 +80,9 @@ class Hyperparameters(L.Callback):
 
     def _tensorboard_hparams(self, logger: TensorBoardLogger, params: dict) -> None:
         # What Lightning's TensorBoardLogger.log_hyperparams writes, minus its placeholder metric
-        # values at step 0, which would draw a false first point on the metric charts.
+        # values at step 0, which would draw a false first point on the metric charts. No public
+        # call adds a summary to this run's event file (SummaryWriter.add_hparams writes a separate
+        # run in a subfolder, with its own metric values), hence the writer's _get_file_writer.
         writer = logger.experiment._get_file_writer()
         for summary in hparams_summary(params, {name: 0.0 for name in self.metrics}):
             writer.add_summary(summary)
