@@ -133,4 +133,6 @@ class Linear(nn.Linear):
             y = torch.bmm(halves, columns)
         else:
             y = torch.baddbmm(self.bias.view(2, -1, 1), halves, columns)
-        return y.view(self.out_features, rows).T.reshape(*x.shape[:-1], self.out_features)
+        # Rows back to contiguous (rows, out): a transposed view would send every later op of the
+        # step, attention included, down its slow strided path.
+        return y.view(self.out_features, rows).T.contiguous().view(*x.shape[:-1], self.out_features)
