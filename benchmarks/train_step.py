@@ -55,9 +55,9 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from micropgpt.hydra_app import instantiate_callbacks, instantiate_loggers  # noqa: E402
 from micropgpt.model import GPT, GPTConfig  # noqa: E402
 from micropgpt.module import parameter_groups  # noqa: E402
-from train import instantiate_loggers  # noqa: E402
 
 # name -> (overrides, precision for the plain loop's autocast, compile)
 ROWS = {
@@ -177,12 +177,10 @@ class LightningRun:
 
     def block(self, steps: int) -> float:
         step_ends = _StepEnds()
-        callbacks = [instantiate(c) for c in self.cfg.callbacks.values()]
+        loggers = instantiate_loggers(self.cfg.get("logger"))
+        callbacks = instantiate_callbacks(self.cfg.callbacks, loggers)
         trainer = instantiate(
-            self.cfg.trainer,
-            max_steps=steps + 1,
-            logger=instantiate_loggers(self.cfg.get("logger")),
-            callbacks=[*callbacks, step_ends],
+            self.cfg.trainer, max_steps=steps + 1, logger=loggers, callbacks=[*callbacks, step_ends]
         )
         if steps + 1 >= self.cfg.trainer.val_check_interval:
             raise SystemExit(f"--steps {steps} reaches trainer.val_check_interval: validation would be timed")
