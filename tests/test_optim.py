@@ -19,7 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from micropgpt.errors import UserError
 from micropgpt.model import GPT, Block, GPTConfig
 from micropgpt.module import parameter_groups
-from micropgpt.optim import MuonWithAdamW
+from micropgpt.optim import BatchedMuon, MuonWithAdamW
 
 HYPERPARAMETERS = {"lr": 1e-2, "weight_decay": 0.1, "momentum": 0.95, "betas": (0.9, 0.99)}
 
@@ -67,6 +67,34 @@ def test_matrices_get_muon_and_everything_else_adamw(position):
     pairs = zip(combined_model.named_parameters(), reference_model.parameters(), strict=True)
     for (name, got), expected in pairs:
         torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    "settings", [{"adjust_lr_fn": "match_rms_adamw"}, {"adjust_lr_fn": "original", "nesterov": False}]
+)
+def test_batched_muon_updates_what_torch_muon_does_and_shares_its_state(settings):
+    shapes = [(24, 8), (8, 8), (8, 24), (24, 8), (8, 8), (8, 24), (24, 8)]  # several of each, both ways
+
+    def parameters() -> list[torch.nn.Parameter]:
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+
+    batched_params, reference_params = parameters(), parameters()
+    batched = BatchedMuon(batched_params, lr=1e-2, weight_decay=0.1, **settings)
+    reference = torch.optim.Muon(reference_params, lr=1e-2, weight_decay=0.1, **settings)
+    for step in range(4):
+        torch.manual_seed(step)
+        grads = [torch.randn(shape) for shape in shapes]
+        for params, optimizer in ((batched_params, batched), (reference_params, reference)):
+            for p, grad in zip(params, grads, strict=True):
+                p.grad = grad.clone()
+            optimizer.step()
+        if step == 1:  # each resumes from the other's checkpointed state
+            batched_state, reference_state = batched.state_dict(), reference.state_dict()
+            batched.load_state_dict(copy.deepcopy(reference_state))
+            reference.load_state_dict(copy.deepcopy(batched_state))
+    for got, expected in zip(batched_params, reference_params, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_lr_schedule_reaches_both_inner_optimizers():
