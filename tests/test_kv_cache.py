@@ -47,7 +47,15 @@ def test_greedy_with_cache_equals_without_while_sequence_fits(prompt_length):
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"position": "rope"}, {"activation": "relu2"}], ids=["seed", "rope", "relu2"]
+    "options",
+    [
+        {},
+        {"position": "rope"},
+        {"activation": "relu2"},
+        {"qk_norm": True, "position": "rope"},
+        {"logit_softcap": 5.0},
+    ],
+    ids=["seed", "rope", "relu2", "qk_norm", "softcap"],
 )
 def test_cached_logits_match_full_forward_in_float32(options):
     model = random_gpt(torch.float32, **options)

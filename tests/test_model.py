@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from micropgpt import model as model_module
 from micropgpt.cpu_kernels import Linear
 from micropgpt.errors import UserError
 from micropgpt.model import GPT, GPTConfig, Rotary
@@ -112,8 +113,51 @@ def test_rope_attention_scores_depend_only_on_relative_position():
         ({"position": "sinusoidal"}, "model.position=sinusoidal is not one of: learned, rope"),
         ({"activation": "swish"}, "model.activation=swish is not one of: gelu, relu2"),
         ({"position": "rope", "n_embd": 30, "n_head": 2}, "head size n_embd / n_head = 15 must be even"),
+        ({"logit_softcap": -1.0}, "model.logit_softcap=-1.0 must be 0"),
     ],
 )
 def test_unknown_architecture_options_are_clear_errors(override, message):
     with pytest.raises(UserError, match=message):
         tiny_gpt(**override)
+
+
+def test_logit_softcap_bounds_the_logits_and_keeps_their_order():
+    capped, plain = tiny_gpt(logit_softcap=2.0), tiny_gpt()
+    with torch.no_grad():
+        for model in (capped, plain):
+            model.lm_head.weight.mul_(1000)  # logits far beyond the cap
+    idx = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(0))
+    capped_logits, _ = capped(idx)
+    plain_logits, _ = plain(idx)
+    assert plain_logits.abs().max() > 10 and capped_logits.abs().max() <= 2.0
+    torch.testing.assert_close(capped_logits, 2.0 * torch.tanh(plain_logits / 2.0))
+
+
+def test_zero_initialised_projections_make_every_block_start_as_the_identity():
+    model = tiny_gpt(zero_init_proj=True)
+    projections = [p for name, p in model.named_parameters() if name.endswith("proj.weight")]
+    assert len(projections) == 2 * model.config.n_layer and all(not p.any() for p in projections)
+    idx = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(0))
+    x = model.tok_emb(idx) + model.pos_emb(torch.arange(8))
+    for block in model.blocks:
+        torch.testing.assert_close(block(x), x)
+    # ... and they learn: one step moves them off zero.
+    _, loss = model(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    assert all(p.grad.any() for p in projections)
+
+
+def test_qk_norm_gives_unit_rms_queries_and_keys_to_attention(monkeypatch):
+    model = tiny_gpt(qk_norm=True, position="rope")
+    seen = []
+    real_attention = model_module.causal_attention
+    monkeypatch.setattr(
+        model_module, "causal_attention", lambda q, k, v, p: seen.append((q, k)) or real_attention(q, k, v, p)
+    )
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight.mul_(100)  # queries and keys far from unit RMS
+        model(torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(0)))
+    for q, k in seen:  # rotation keeps each position's norm, so RMS stays 1 after RoPE
+        for t in (q, k):
+            rms = t.square().mean(-1).sqrt()
+            torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)

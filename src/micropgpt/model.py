@@ -38,6 +38,9 @@ class GPTConfig:
     # Off in the seed model; options for short, compute-bound runs (experiment=cpu_2min):
     position: str = "learned"  # "learned": a position embedding table; "rope": rotary, in attention
     activation: str = "gelu"  # the MLP's: "gelu", or "relu2" (ReLU squared)
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    zero_init_proj: bool = False  # residual projections start at zero: every block starts as identity
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0: off
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -50,6 +53,8 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.logit_softcap < 0:
+            raise UserError(f"model.logit_softcap={self.logit_softcap} must be 0 (off) or more")
         for name, choices in (("position", POSITIONS), ("activation", ACTIVATIONS)):
             if getattr(self, name) not in choices:
                 raise UserError(f"model.{name}={getattr(self, name)} is not one of: {', '.join(choices)}")
@@ -94,12 +99,17 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = Dropout(config.dropout)
         head_size = config.n_embd // config.n_head
         self.rotary = Rotary(head_size, config.block_size) if config.position == "rope" else None
+        self.qk_norm = config.qk_norm
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:
+            # Unit-RMS queries and keys bound the attention logits, so a large lr cannot blow them up
+            # (Dehghani et al. 2023; modded-nanogpt).
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if self.rotary is not None:
             start = cache.length if cache is not None else 0
             q, k = self.rotary(q, start), self.rotary(k, start)
@@ -164,10 +174,14 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections so the residual stream's variance does not grow
-        # with depth.
+        # with depth; or start them at zero (modded-nanogpt), so that each block first learns what
+        # to add.
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -201,6 +215,10 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.ln_f(x))
+        if self.config.logit_softcap > 0:
+            # Bounded logits keep the output head from growing overconfident early (Gemma 2).
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
