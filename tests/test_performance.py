@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from micropgpt.checkpoint import load_checkpoint
 from micropgpt.cpu_kernels import Dropout, _CausalAttentionWithDropout, keep_mask
+from micropgpt.hydra_app import bf16_if_native
 from micropgpt.model import GPT, GPTConfig
 
 VOCAB = 65
@@ -208,6 +209,17 @@ def test_compiled_run_checkpoint_loads_uncompiled_and_samples(tmp_path, corpus):
     assert len(sample.stdout.strip()) >= 20
 
 
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"),
+    [(True, False, "bf16-mixed"), (False, True, "bf16-mixed"), (False, False, "32-true")],
+)
+def test_recipes_take_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    for accelerator in ("auto", "cpu"):
+        assert bf16_if_native(accelerator) == expected
+
+
 def test_cpu_2min_recipe_composes_trains_and_resumes(tmp_path, corpus):
     run_dir = tmp_path / "cpu_2min"
     common = (
@@ -220,6 +232,8 @@ def test_cpu_2min_recipe_composes_trains_and_resumes(tmp_path, corpus):
     run_train(run_dir, *common, "trainer.max_steps=3")
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert cfg.trainer.max_time == "00:00:02:00"
+    # bf16 autocast exactly where the CPU has bf16 instructions (this machine: AVX512-BF16).
+    assert cfg.trainer.precision == ("bf16-mixed" if torch.cpu._is_avx512_bf16_supported() else "32-true")
     assert cfg.data.val_fraction == 0.1
     assert cfg.trainer.val_check_interval == 3  # validates once, at the end of the run
     assert cfg.model.dropout == 0.0

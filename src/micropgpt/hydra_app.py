@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -114,10 +115,21 @@ def on_first_process(value):
     return value if rank_zero_only.rank == 0 else None
 
 
+def bf16_if_native(accelerator: str) -> str:
+    """ "bf16-mixed" where the hardware `trainer.accelerator` picks computes bf16 natively (a GPU
+    with bf16, a CPU with AVX512-BF16 or AMX), "32-true" elsewhere: emulated bf16 runs slower than
+    fp32, so a recipe must not ask for it there."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bf16-mixed" if native else "32-true"
+
+
 # replace=True: a notebook may reload this module.
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("on_first_process", on_first_process, replace=True)
 OmegaConf.register_new_resolver("sweep_dir", sweep_dir, replace=True)
+OmegaConf.register_new_resolver("bf16_if_native", bf16_if_native, replace=True)
 OmegaConf.register_new_resolver("slurm_gpus_per_node", slurm_launch.gpus_per_node, replace=True)
 
 # --- typed schemas: a wrong type fails at composition ------------------------------------------
