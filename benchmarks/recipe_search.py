@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,10 @@ from micropgpt.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "position", "activation")
+MODEL_OPTIONS = ("qk_norm", "zero_init_proj", "logit_softcap")
+# Optional candidate keys, with the value a candidate that leaves them out gets.
+OPTIONS = {"qk_norm": False, "zero_init_proj": False, "logit_softcap": 0.0, "precision": "32",
+           "warmup_steps": 100, "min_lr_ratio": 0.05, "momentum": 0.95}  # fmt: skip
 
 
 def default_grid() -> list[dict]:
@@ -57,14 +62,16 @@ def default_grid() -> list[dict]:
 
 def build(candidate: dict, vocab_size: int, steps: int, device: str):
     torch.manual_seed(1337)
-    architecture = {key: candidate[key] for key in ARCHITECTURE}
+    candidate = {**OPTIONS, **candidate}
+    architecture = {key: candidate[key] for key in (*ARCHITECTURE, *MODEL_OPTIONS)}
     model = GPT(GPTConfig(vocab_size=vocab_size, dropout=0.0, **architecture)).to(device)
     settings = {"lr": candidate["lr"], "weight_decay": 0.1, "betas": (0.9, 0.99)}
     if candidate["optimizer"] == "muon":
-        optimizer = MuonWithAdamW(parameter_groups(model), **settings)
+        optimizer = MuonWithAdamW(parameter_groups(model), momentum=candidate["momentum"], **settings)
     else:
         optimizer = torch.optim.AdamW(parameter_groups(model), **settings)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(100, steps, 0.05))
+    warmup, min_lr_ratio = candidate["warmup_steps"], candidate["min_lr_ratio"]
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, steps, min_lr_ratio))
     return model, optimizer, schedule
 
 
@@ -72,7 +79,9 @@ def train_step(model, optimizer, schedule, ids: torch.Tensor, candidate: dict, g
     block, batch = candidate["block_size"], candidate["batch_size"]
     starts = torch.randint(len(ids) - block - 1, (batch,), device=ids.device, generator=generator)
     windows = ids[starts[:, None] + torch.arange(block + 1, device=ids.device)]
-    _, loss = model(windows[:, :-1], windows[:, 1:])
+    bf16 = candidate.get("precision", OPTIONS["precision"]) == "bf16"
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):  # Lightning's bf16-mixed
+        _, loss = model(windows[:, :-1], windows[:, 1:])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -120,8 +129,10 @@ def validation_loss(model: GPT, val_ids: torch.Tensor, block: int) -> float:
     return total / targets.numel()
 
 
-def train_candidate(job: tuple[dict, str, str]) -> dict:
-    candidate, corpus, device = job
+def train_candidate(job: tuple[dict, str, str, int]) -> dict:
+    candidate, corpus, device, threads = job
+    if threads:
+        torch.set_num_threads(threads)
     train_ids, val_ids, vocab_size = corpus_ids(Path(corpus), device)
     model, optimizer, schedule = build(candidate, vocab_size, candidate["steps"], device)
     generator = torch.Generator(device).manual_seed(1337)
@@ -134,7 +145,9 @@ def train_candidate(job: tuple[dict, str, str]) -> dict:
 
 
 def train_candidates(args: argparse.Namespace) -> None:
-    jobs = [(json.loads(line), str(args.corpus), args.device) for line in args.timed.open()]
+    # On the CPU the workers share its cores; on a GPU torch's default threads serve each worker.
+    threads = max(1, (os.cpu_count() or 1) // args.workers) if args.device == "cpu" else 0
+    jobs = [(json.loads(line), str(args.corpus), args.device, threads) for line in args.timed.open()]
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32, as on the CPU
     results = []
