@@ -42,7 +42,7 @@ ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "position", "activa
 MODEL_OPTIONS = ("qk_norm", "zero_init_proj", "logit_softcap")
 # Optional candidate keys, with the value a candidate that leaves them out gets.
 OPTIONS = {"qk_norm": False, "zero_init_proj": False, "logit_softcap": 0.0, "precision": "32",
-           "warmup_steps": 100, "min_lr_ratio": 0.05, "momentum": 0.95}  # fmt: skip
+           "warmup_steps": 100, "min_lr_ratio": 0.05, "momentum": 0.95, "adamw_lr_ratio": 1.0}  # fmt: skip
 
 
 def default_grid() -> list[dict]:
@@ -67,7 +67,8 @@ def build(candidate: dict, vocab_size: int, steps: int, device: str):
     model = GPT(GPTConfig(vocab_size=vocab_size, dropout=0.0, **architecture)).to(device)
     settings = {"lr": candidate["lr"], "weight_decay": 0.1, "betas": (0.9, 0.99)}
     if candidate["optimizer"] == "muon":
-        optimizer = MuonWithAdamW(parameter_groups(model), momentum=candidate["momentum"], **settings)
+        muon_settings = {key: candidate[key] for key in ("momentum", "adamw_lr_ratio")}
+        optimizer = MuonWithAdamW(parameter_groups(model), **muon_settings, **settings)
     else:
         optimizer = torch.optim.AdamW(parameter_groups(model), **settings)
     warmup, min_lr_ratio = candidate["warmup_steps"], candidate["min_lr_ratio"]

@@ -106,6 +106,15 @@ def test_lr_schedule_reaches_both_inner_optimizers():
     assert [group["lr"] for group in optimizer.adamw.param_groups] == [0.0025, 0.0025]
 
 
+def test_adamw_lr_ratio_scales_adamws_lr_through_the_schedule():
+    optimizer = MuonWithAdamW(parameter_groups(tiny_gpt()), **HYPERPARAMETERS, adamw_lr_ratio=4.0)
+    scheduler = LambdaLR(optimizer, lambda step: 0.5 ** (step + 1))
+    optimizer.step()
+    scheduler.step()
+    assert [group["lr"] for group in optimizer.muon.param_groups] == [0.0025]
+    assert [group["lr"] for group in optimizer.adamw.param_groups] == [0.01, 0.01]
+
+
 def test_lr_schedule_reaches_both_inner_optimizers_after_a_resume():
     optimizer = MuonWithAdamW(parameter_groups(tiny_gpt()), **HYPERPARAMETERS)
     optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))

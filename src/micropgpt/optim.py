@@ -94,8 +94,9 @@ class MuonWithAdamW(Optimizer):
     """Muon for the parameter group named "matrices", AdamW for every other group.
 
     Muon scales its updates to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`), so one `lr` and one
-    `weight_decay` serve both; `momentum` is Muon's, `betas` AdamW's. `param_groups` is the inner
-    optimizers' own groups, so an LR scheduler's changes reach them.
+    `weight_decay` serve both; `momentum` is Muon's, `betas` AdamW's. `adamw_lr_ratio` scales AdamW's
+    lr against Muon's: embedding tables and the output head may learn faster than the matrices.
+    `param_groups` is the inner optimizers' own groups, so an LR scheduler's changes reach them.
     """
 
     def __init__(
@@ -106,6 +107,7 @@ class MuonWithAdamW(Optimizer):
         momentum: float = 0.95,
         betas: tuple[float, float] = (0.9, 0.99),
         fused: bool | None = None,
+        adamw_lr_ratio: float = 1.0,
     ):
         if not hasattr(torch.optim, "Muon"):
             raise UserError(
@@ -114,7 +116,9 @@ class MuonWithAdamW(Optimizer):
             )
         groups = list(params)
         matrices = [g for g in groups if g.get("name") == MUON_GROUP]
-        others = [g for g in groups if g.get("name") != MUON_GROUP]
+        others = [
+            {**g, "lr": g.get("lr", lr) * adamw_lr_ratio} for g in groups if g.get("name") != MUON_GROUP
+        ]
         if not matrices:
             raise ValueError(f"MuonWithAdamW needs a parameter group named {MUON_GROUP!r}")
         if any(p.dim() != 2 for g in matrices for p in g["params"]):
@@ -124,11 +128,13 @@ class MuonWithAdamW(Optimizer):
                 "optimizer=muon with another strategy (ddp)"
             )
         defaults = {"lr": lr, "weight_decay": weight_decay}
-        super().__init__(groups, defaults)
+        super().__init__(matrices + others, defaults)
         self.muon = BatchedMuon(
             matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw"
         )
-        self.adamw = AdamW(others, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused)
+        self.adamw = AdamW(
+            others, lr=lr * adamw_lr_ratio, weight_decay=weight_decay, betas=betas, fused=fused
+        )
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
 
     @torch.no_grad()
