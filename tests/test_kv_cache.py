@@ -54,8 +54,9 @@ def test_greedy_with_cache_equals_without_while_sequence_fits(prompt_length):
         {"activation": "relu2"},
         {"qk_norm": True, "position": "rope"},
         {"logit_softcap": 5.0},
+        {"value_embeddings": True},
     ],
-    ids=["seed", "rope", "relu2", "qk_norm", "softcap"],
+    ids=["seed", "rope", "relu2", "qk_norm", "softcap", "value_embeddings"],
 )
 def test_cached_logits_match_full_forward_in_float32(options):
     model = random_gpt(torch.float32, **options)

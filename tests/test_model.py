@@ -13,6 +13,7 @@ from micropgpt import model as model_module
 from micropgpt.cpu_kernels import Linear
 from micropgpt.errors import UserError
 from micropgpt.model import GPT, GPTConfig, Rotary
+from micropgpt.module import parameter_groups
 
 VOCAB = 11
 
@@ -140,7 +141,7 @@ def test_zero_initialised_projections_make_every_block_start_as_the_identity():
     idx = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(0))
     x = model.tok_emb(idx) + model.pos_emb(torch.arange(8))
     for block in model.blocks:
-        torch.testing.assert_close(block(x), x)
+        torch.testing.assert_close(block(x, idx), x)
     # ... and they learn: one step moves them off zero.
     _, loss = model(idx[:, :-1], idx[:, 1:])
     loss.backward()
@@ -161,3 +162,16 @@ def test_qk_norm_gives_unit_rms_queries_and_keys_to_attention(monkeypatch):
         for t in (q, k):
             rms = t.square().mean(-1).sqrt()
             torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
+
+
+def test_value_embeddings_reach_the_values_and_train_with_the_other_tables():
+    model = tiny_gpt(value_embeddings=True)
+    tables = [block.attn.value_embedding for block in model.blocks]
+    idx = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(0))
+    before, _ = model(idx)
+    with torch.no_grad():
+        tables[-1].weight[idx[0, 0]] += 1.0  # the last layer's value for one token
+    after, _ = model(idx)
+    assert not torch.allclose(before, after)
+    (_, embeddings, _) = parameter_groups(model)
+    assert {id(table.weight) for table in tables} <= {id(p) for p in embeddings["params"]}

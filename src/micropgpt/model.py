@@ -41,6 +41,7 @@ class GPTConfig:
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
     zero_init_proj: bool = False  # residual projections start at zero: every block starts as identity
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0: off
+    value_embeddings: bool = False  # each attention layer adds a learned embedding of the token to v
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -100,10 +101,19 @@ class CausalSelfAttention(nn.Module):
         head_size = config.n_embd // config.n_head
         self.rotary = Rotary(head_size, config.block_size) if config.position == "rope" else None
         self.qk_norm = config.qk_norm
+        # modded-nanogpt's value embeddings: the token's identity reaches every layer's values
+        # directly, not only through the residual stream.
+        self.value_embedding = (
+            nn.Embedding(config.vocab_size, config.n_embd) if config.value_embeddings else None
+        )
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, idx: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
+        if self.value_embedding is not None:
+            v = v + self.value_embedding(idx)
         # (B, T, C) -> (B, n_head, T, head_size)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.qk_norm:
@@ -155,8 +165,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(
+        self, x: torch.Tensor, idx: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        """x: the residual stream at the ids `idx` (B, T)."""
+        x = x + self.attn(self.ln_1(x), idx, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -211,7 +224,7 @@ class GPT(nn.Module):
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer)
+            x = block(x, idx, cache, layer)
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.ln_f(x))

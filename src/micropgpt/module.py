@@ -23,7 +23,7 @@ SchedulerFactory = Callable[[Optimizer], LRScheduler]
 
 
 def parameter_groups(model: GPT) -> list[dict]:
-    """Three named groups: the blocks' weight matrices, the embedding tables and output head (both
+    """Three named groups: the blocks' weight matrices, every embedding table and the output head (both
     with weight decay), and biases and LayerNorm gains (without).
 
     Chosen by the module and name of each parameter, not by its shape: under FSDP every parameter
@@ -31,7 +31,7 @@ def parameter_groups(model: GPT) -> list[dict]:
     to Muon (micropgpt.optim). The names show up in TensorBoard as lr-AdamW/matrices,
     lr-AdamW/embeddings, lr-AdamW/no_decay.
     """
-    tables = {model.tok_emb, model.lm_head, model.pos_emb} - {None}
+    tables = {model.lm_head} | {module for module in model.modules() if isinstance(module, nn.Embedding)}
     groups: dict[str, list[nn.Parameter]] = {MUON_GROUP: [], "embeddings": [], "no_decay": []}
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
