@@ -166,14 +166,19 @@ def _stream_with_cache(
         return
     cache = model.new_kv_cache(idx.size(0))
     logits, _ = model(idx[:, -model.config.block_size :], cache=cache)
+    # The whole sequence in one preallocated buffer, for the rebuilds to read their last `keep`
+    # ids from: a torch.cat per step would copy the sequence so far every time.
+    ids = torch.cat([idx, idx.new_empty(idx.size(0), max_new_tokens)], dim=1)
+    end = idx.size(1)
     for step in range(max_new_tokens):
         next_id = pick(logits[:, -1])
         yield next_id
         if step == max_new_tokens - 1:
             break
-        idx = torch.cat([idx, next_id], dim=1)
+        ids[:, end : end + 1] = next_id
+        end += 1
         if cache.length == cache.capacity:
             cache.length = 0
-            logits, _ = model(idx[:, -keep:], cache=cache)
+            logits, _ = model(ids[:, end - keep : end], cache=cache)
         else:
             logits, _ = model(next_id, cache=cache)
