@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from micropgpt.decoding import row_generators
+from micropgpt.decoding import inverse_cdf, row_generators
 from micropgpt.model import GPT, GPTConfig
 
 VOCAB = 13
@@ -206,3 +206,24 @@ def test_top_k_and_top_p_together_sample_their_intersection():
     top2 = set(probs.topk(2).indices.tolist())
     drawn = next_character_draws(model, idx, top_k=2, top_p=0.999, temperature=3.0)
     assert drawn == top2
+
+
+def test_inverse_cdf_draws_each_id_with_its_probability_and_never_a_zero_one():
+    probs = torch.tensor([0.0, 0.45, 0.0, 0.3, 0.05, 0.2, 0.0])
+    draws = 40_000
+    u = torch.rand(draws, 1, generator=torch.Generator().manual_seed(0))
+    ids = inverse_cdf(probs.expand(draws, -1), u).view(-1)
+    frequencies = torch.bincount(ids, minlength=probs.numel()) / draws
+    assert torch.all(frequencies[probs == 0] == 0)
+    # Within 5 standard deviations of a binomial frequency for each id.
+    assert torch.all((frequencies - probs).abs() <= 5 * (probs * (1 - probs) / draws).sqrt())
+
+
+def test_inverse_cdf_at_the_ends_of_u_picks_the_first_and_last_nonzero_ids():
+    # Rows as top-k / top-p leave them: zeros on both sides, totals a little off 1 by rounding.
+    probs = torch.rand(1000, 9, generator=torch.Generator().manual_seed(0))
+    probs[:, :2] = probs[:, -3:] = 0
+    probs /= probs.sum(-1, keepdim=True)
+    below_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))
+    assert torch.all(inverse_cdf(probs, torch.zeros(1000, 1)) == 2)
+    assert torch.all(inverse_cdf(probs, below_one.expand(1000, 1)) == 5)

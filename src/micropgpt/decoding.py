@@ -74,14 +74,31 @@ def sampler(
             drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
             drop = drop_sorted.scatter(-1, order, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
-        probs = logits.softmax(dim=-1)
-        if generator is None or isinstance(generator, torch.Generator):
-            return torch.multinomial(probs, num_samples=1, generator=generator)
-        return torch.cat(
-            [torch.multinomial(probs[row : row + 1], 1, generator=g) for row, g in enumerate(generator)]
-        )
+        return inverse_cdf(logits.softmax(dim=-1), uniforms(logits.size(0), generator, logits.device))
 
     return pick
+
+
+def uniforms(rows: int, generator: Generators, device: torch.device) -> torch.Tensor:
+    """One uniform number in [0, 1) per row, (rows, 1): with one generator per row, row r's from
+    generator[r] alone, so a row draws the same number in a batch as it would alone."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(rows, 1, generator=generator, device=device)
+    return torch.cat([torch.rand(1, generator=g, device=device) for g in generator]).view(rows, 1)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Row r of probs (B, V) sampled with its uniform u[r] (B, 1): the first id whose cumulative
+    probability exceeds u[r] times the row's total.
+
+    One op for the whole batch, where torch.multinomial would take one call per row generator.
+    A float cumsum of non-negative terms never decreases and rises only at ids of nonzero
+    probability, so a zero-probability id (masked by top-k or top-p) is never picked while the
+    threshold stays below the total: scaling by the total, not comparing u with a cumsum that
+    rounds to a little under 1, keeps it there, since float32 u * total < total for any u < 1.
+    """
+    cdf = probs.cumsum(dim=-1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
 
 
 def generate_stream(
@@ -149,14 +166,19 @@ def _stream_with_cache(
         return
     cache = model.new_kv_cache(idx.size(0))
     logits, _ = model(idx[:, -model.config.block_size :], cache=cache)
+    # The whole sequence in one preallocated buffer, for the rebuilds to read their last `keep`
+    # ids from: a torch.cat per step would copy the sequence so far every time.
+    ids = torch.cat([idx, idx.new_empty(idx.size(0), max_new_tokens)], dim=1)
+    end = idx.size(1)
     for step in range(max_new_tokens):
         next_id = pick(logits[:, -1])
         yield next_id
         if step == max_new_tokens - 1:
             break
-        idx = torch.cat([idx, next_id], dim=1)
+        ids[:, end : end + 1] = next_id
+        end += 1
         if cache.length == cache.capacity:
             cache.length = 0
-            logits, _ = model(idx[:, -keep:], cache=cache)
+            logits, _ = model(ids[:, end - keep : end], cache=cache)
         else:
             logits, _ = model(next_id, cache=cache)
