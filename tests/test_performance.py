@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from torch.nn import functional as F
 
 from micropgpt.checkpoint import load_checkpoint
-from micropgpt.cpu_kernels import Dropout, _CausalAttentionWithDropout, keep_mask
+from micropgpt.cpu_kernels import Dropout, _CausalAttention, keep_mask
 from micropgpt.hydra_app import bf16_if_native
 from micropgpt.model import GPT, GPTConfig
 
@@ -109,7 +109,7 @@ def test_attention_with_dropout_has_the_gradients_of_the_same_computation_in_aut
 
     def ours(q, k, v):
         torch.manual_seed(5)
-        return _CausalAttentionWithDropout.apply(q, k, v, p)
+        return _CausalAttention.apply(q, k, v, p)
 
     out = ours(q, k, v)
     torch.testing.assert_close(out, reference(q, k, v))
@@ -120,6 +120,25 @@ def test_attention_with_dropout_has_the_gradients_of_the_same_computation_in_aut
         torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize(("autocast", "tolerance"), [(False, 1e-5), (True, 3e-2)])
+def test_attention_without_dropout_is_sdpas_with_its_gradients(autocast, tolerance):
+    """The p = 0 path that replaces the CPU flash kernel in training, also under bf16-mixed."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(2, 3, 16, 8)
+
+    def output_and_grads(attention):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = attention(q, k, v)
+        return (out.float(), *torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype)))
+
+    ours = output_and_grads(lambda q, k, v: _CausalAttention.apply(q, k, v, 0.0))
+    reference = output_and_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    for got, expected in zip(ours, reference, strict=True):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
 def test_attention_dropout_drops_weights_and_keeps_their_expectation():
     """Averaged over many masks, attention with dropout gives attention without it."""
     torch.manual_seed(0)
@@ -127,7 +146,7 @@ def test_attention_dropout_drops_weights_and_keeps_their_expectation():
     v = torch.eye(6).view(1, 1, 6, 6)  # the output rows are then the attention weights themselves
     weights = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     # 4,000 independent draws of the mask: the same inputs, repeated along the batch dimension.
-    draws = _CausalAttentionWithDropout.apply(*(t.expand(4000, 1, 6, -1) for t in (q, k, v)), 0.2)
+    draws = _CausalAttention.apply(*(t.expand(4000, 1, 6, -1) for t in (q, k, v)), 0.2)
     # Each weight is kept (scaled by 1/0.8) or zeroed, never anything else.
     assert torch.all((draws == 0) | torch.isclose(draws, weights / 0.8))
     assert (draws[..., 1:] == 0).float().mean() > 0.1  # some weights really are dropped

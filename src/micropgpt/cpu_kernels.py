@@ -7,8 +7,9 @@ model.py calls three things from here, each a drop-in for a standard PyTorch ope
     Linear                nn.Linear
 
 Why: on the CPU, PyTorch draws each Bernoulli decision of dropout from a serial, double-precision
-random stream, and `scaled_dot_product_attention` with `dropout_p > 0` leaves its fused kernel for
-the unfused math path; `dropout` and `causal_attention` compute the same thing in eager CPU
+random stream, `scaled_dot_product_attention` with `dropout_p > 0` leaves its fused kernel for
+the unfused math path, and without dropout its flash kernel's backward is slow for small heads
+(in bf16 most of all); `dropout` and `causal_attention` compute the same thing in eager CPU
 training with cheaper random bits and fewer passes over the attention weights. `Linear` takes a
 faster kernel for the few-row products of KV-cache decoding. Each is used only in eager mode on
 the CPU; on GPUs and under torch.compile the standard ops run, whose kernels are already fused.
@@ -64,49 +65,62 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
-class _CausalAttentionWithDropout(torch.autograd.Function):
-    """softmax(q k^T / sqrt(d) + causal mask), dropout on those weights, times v; with its backward.
+class _CausalAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d) + causal mask), dropout p (may be 0) on those weights, times v; with
+    its backward.
 
-    What `scaled_dot_product_attention(..., dropout_p=p, is_causal=True)` computes, in fewer
-    passes over the (B, H, T, T) weights than its CPU math path: the masks are bool, no check for
-    fully masked rows (a causal row always sees itself), the 1 / (1 - p) scale is applied to the
-    (B, H, T, head_size) output instead of the weights.
+    What `scaled_dot_product_attention(..., dropout_p=p, is_causal=True)` computes. With p > 0, in
+    fewer passes over the (B, H, T, T) weights than its CPU math path: the masks are bool, no check
+    for fully masked rows (a causal row always sees itself), the 1 / (1 - p) scale is applied to
+    the (B, H, T, head_size) output instead of the weights. With p = 0, instead of the CPU flash
+    kernel, whose backward is far slower for the small heads of short-run recipes (README,
+    Performance).
     """
 
     @staticmethod
-    # Under CPU autocast (bf16-mixed) in float32: the hand-written backward then sees one dtype,
-    # whatever autocast would have chosen for each op.
-    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
-        T, head_size = q.size(-2), q.size(-1)
-        scale = 1.0 / math.sqrt(head_size)
-        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
-        weights = torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)
-        keep = keep_mask(weights.shape, 1.0 - p, weights.device)
-        dropped = weights * keep
-        ctx.save_for_backward(q, k, v, weights, keep, dropped)
-        ctx.scale, ctx.keep_scale = scale, 1.0 / (1.0 - p)
-        return torch.matmul(dropped, v).mul_(ctx.keep_scale)
+        # Under CPU autocast (bf16-mixed) the products run in autocast's dtype and the softmax and
+        # its backward in (at least) float32, as autocast runs them; the backward does the same.
+        ctx.input_dtypes = (q.dtype, k.dtype, v.dtype)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else v.dtype
+        with torch.autocast("cpu", enabled=False):
+            q, k, v = (t.to(dtype) for t in (q, k, v))
+            T, head_size = q.size(-2), q.size(-1)
+            scale = 1.0 / math.sqrt(head_size)
+            softmax_dtype = torch.promote_types(dtype, torch.float32)
+            scores = torch.matmul(q, k.transpose(-2, -1)).to(softmax_dtype).mul_(scale)
+            future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
+            weights = torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)
+            keep = keep_mask(weights.shape, 1.0 - p, weights.device) if p > 0 else None
+            dropped = (weights * keep if p > 0 else weights).to(dtype)
+            ctx.save_for_backward(q, k, v, weights, keep, dropped)
+            ctx.scale, ctx.keep_scale = scale, 1.0 / (1.0 - p)
+            y = torch.matmul(dropped, v)
+            return y.mul_(ctx.keep_scale) if p > 0 else y
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_out: torch.Tensor):
         q, k, v, weights, keep, dropped = ctx.saved_tensors
-        grad_out = grad_out * ctx.keep_scale
-        grad_v = torch.matmul(dropped.transpose(-2, -1), grad_out)
-        grad_weights = torch.matmul(grad_out, v.transpose(-2, -1)).mul_(keep)
-        grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
-        grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale)
-        grad_k = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(ctx.scale)
-        return grad_q, grad_k, grad_v, None
+        with torch.autocast("cpu", enabled=False):
+            grad_out = grad_out.to(v.dtype) * ctx.keep_scale
+            grad_v = torch.matmul(dropped.transpose(-2, -1), grad_out)
+            grad_weights = torch.matmul(grad_out, v.transpose(-2, -1)).to(weights.dtype)
+            if keep is not None:
+                grad_weights.mul_(keep)
+            grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
+            grad_scores = grad_scores.mul_(ctx.scale).to(q.dtype)
+            grad_q = torch.matmul(grad_scores, k)
+            grad_k = torch.matmul(grad_scores.transpose(-2, -1), q)
+        q_dtype, k_dtype, v_dtype = ctx.input_dtypes
+        return grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype), None
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """Causal scaled dot-product attention of (B, n_head, T, head_size) tensors, with dropout_p on
     the attention weights."""
-    if dropout_p > 0.0 and _eager_cpu(q):
-        return _CausalAttentionWithDropout.apply(q, k, v, dropout_p)
+    # Without dropout or autograd (validation, prompts), the flash kernel is the fast one.
+    if _eager_cpu(q) and (dropout_p > 0.0 or (torch.is_grad_enabled() and q.requires_grad)):
+        return _CausalAttention.apply(q, k, v, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
