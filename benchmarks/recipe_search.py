@@ -12,8 +12,10 @@ anywhere (a GPU runs many at once, one process per worker), and prints its val l
 `train` prints the best ten at the end. Candidates are the default grid below or `--grid` lines
 such as {"n_layer": 4, "n_head": 3, "n_embd": 96, "block_size": 128, "batch_size": 16,
 "position": "rope", "activation": "relu2", "optimizer": "muon", "lr": 0.004}.
-Every run: dropout 0, weight decay 0.1, betas (0.9, 0.99), clipping 1.0, 100 warmup steps, cosine
-to 5% of lr; seed 1337.
+Optional keys (OPTIONS below) set the precision ("bf16": autocast, as Lightning's bf16-mixed), the
+model options, Muon's momentum and AdamW lr ratio, warmup and the final lr ratio. Every run: dropout
+0, weight decay 0.1, betas (0.9, 0.99), clipping 1.0, and unless set, 100 warmup steps, cosine to
+5% of lr; seed 1337. `train --device cpu --workers 2` splits this CPU's cores between two runs.
 """
 
 from __future__ import annotations
