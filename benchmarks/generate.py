@@ -5,23 +5,33 @@
 Seed-size GPT (n_embd 384, n_head 4, n_layer 4, block_size 128, 65 characters) with random
 weights: speed does not depend on what the weights learned. Batch 1, a 1-character prompt, 500
 and 2,000 new characters; then 8 samples of 1,000 characters as one batch (generate.py's
-num_samples=8, one random stream per row) against one. Runs alternate between the paths compared,
-so that a change in machine load hits both alike; each line reports the median of the repeats.
+num_samples=8, one random stream per row) against one, first the `generate` call alone, then the
+whole `python generate.py ... num_samples=N` command on a checkpoint of that model (start-up and
+loading included, as a user waits for them). Runs alternate between the paths compared, so that a
+change in machine load hits both alike; each line reports the median of the repeats.
 --quick only checks that the script runs (1 repeat, 20 characters, short warm-up): its numbers mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from micropgpt.decoding import row_generators
 from micropgpt.model import GPT, GPTConfig
 
+REPO = Path(__file__).resolve().parent.parent
+# Tiny Shakespeare's 65 characters, for the checkpoint that generate.py loads.
+VOCAB = sorted("\n !$&',-.3:;?" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "abcdefghijklmnopqrstuvwxyz")
 SEED_MODEL = GPTConfig(vocab_size=65, block_size=128, n_layer=4, n_head=4, n_embd=384, dropout=0.0)
 NEW_CHARACTERS = (500, 2000)
 BATCH, BATCH_CHARACTERS = 8, 1000
@@ -42,6 +52,30 @@ def seconds_for_samples(model: GPT, num_samples: int, new: int, device: torch.de
     start = time.perf_counter()
     model.generate(prompt, new, generator=row_generators(0, num_samples, device)).cpu()
     return time.perf_counter() - start
+
+
+def write_checkpoint(model: GPT, file: Path) -> None:
+    """`model` as a checkpoint that generate.py loads: the keys GPTModule's checkpoints hold."""
+    architecture = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "vocab_size"}
+    state_dict = {f"model.{key}": tensor for key, tensor in model.state_dict().items()}
+    torch.save({"hyper_parameters": {"vocab": VOCAB, "model": architecture}, "state_dict": state_dict}, file)
+
+
+def seconds_for_command(checkpoint: Path, num_samples: int, new: int, device: torch.device) -> float:
+    """Wall time of the whole `python generate.py` command, start-up and checkpoint loading included."""
+    command = [sys.executable, "generate.py", f"ckpt={checkpoint}", f"num_samples={num_samples}"]
+    command += [f"max_new_tokens={new}", f"device={device}"]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def report_batch(what: str, seconds: dict[int, list[float]], characters: int, repeats: int) -> None:
+    one, batched = (statistics.median(seconds[n]) for n in (1, BATCH))
+    print(
+        f"{BATCH} batched samples cost {batched / one:.2f}x one sample, {what} "
+        f"({characters} characters: {batched:.2f} s vs {one:.2f} s, median of {repeats})"
+    )
 
 
 def main() -> None:
@@ -79,11 +113,17 @@ def main() -> None:
     for _ in range(repeats):
         for num_samples in seconds:
             seconds[num_samples].append(seconds_for_samples(model, num_samples, batch_characters, device))
-    one, batched = (statistics.median(seconds[n]) for n in (1, BATCH))
-    print(
-        f"{BATCH} batched samples cost {batched / one:.2f}x one sample "
-        f"({batch_characters} characters: {batched:.2f} s vs {one:.2f} s, median of {repeats})"
-    )
+    report_batch("model.generate alone", seconds, batch_characters, repeats)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "seed_size.ckpt"
+        write_checkpoint(model, checkpoint)
+        seconds = {1: [], BATCH: []}
+        for _ in range(repeats):
+            for num_samples in seconds:
+                command_seconds = seconds_for_command(checkpoint, num_samples, batch_characters, device)
+                seconds[num_samples].append(command_seconds)
+    report_batch("whole generate.py command", seconds, batch_characters, repeats)
 
 
 if __name__ == "__main__":
