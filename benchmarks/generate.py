@@ -32,7 +32,7 @@ from micropgpt.model import GPT, GPTConfig
 REPO = Path(__file__).resolve().parent.parent
 # Tiny Shakespeare's 65 characters, for the checkpoint that generate.py loads.
 VOCAB = sorted("\n !$&',-.3:;?" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "abcdefghijklmnopqrstuvwxyz")
-SEED_MODEL = GPTConfig(vocab_size=65, block_size=128, n_layer=4, n_head=4, n_embd=384, dropout=0.0)
+SEED_MODEL = GPTConfig(vocab_size=len(VOCAB), block_size=128, n_layer=4, n_head=4, n_embd=384, dropout=0.0)
 NEW_CHARACTERS = (500, 2000)
 BATCH, BATCH_CHARACTERS = 8, 1000
 
@@ -66,8 +66,11 @@ def seconds_for_command(checkpoint: Path, num_samples: int, new: int, device: to
     command = [sys.executable, "generate.py", f"ckpt={checkpoint}", f"num_samples={num_samples}"]
     command += [f"max_new_tokens={new}", f"device={device}"]
     start = time.perf_counter()
-    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    result = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(command[1:])} failed (exit {result.returncode}):\n{result.stderr}")
+    return seconds
 
 
 def report_batch(what: str, seconds: dict[int, list[float]], characters: int, repeats: int) -> None:
