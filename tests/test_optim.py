@@ -64,9 +64,12 @@ def test_matrices_get_muon_and_everything_else_adamw(position):
     assert {id(p) for p in matrices["params"]}.isdisjoint(
         {id(reference_model.tok_emb.weight), id(reference_model.lm_head.weight)}
     )
+    # Muon orthogonalises in bf16, and the batched products of same-shape matrices (BatchedMuon)
+    # may round differently from one matrix at a time: with Intel's MKL, 1.6e-5 in one weight after
+    # these 3 steps (0 on AMD), while each step moves every weight by about 1e-3.
     pairs = zip(combined_model.named_parameters(), reference_model.parameters(), strict=True)
     for (name, got), expected in pairs:
-        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize(
