@@ -79,38 +79,38 @@ class _CausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
-        # Under CPU autocast (bf16-mixed) the products run in autocast's dtype and the softmax and
-        # its backward in (at least) float32, as autocast runs them; the backward does the same.
+        # Under CPU autocast (bf16-mixed) everything runs in autocast's dtype: torch's CPU softmax
+        # and its backward compute in float32 inside for bf16 tensors, and the weights are kept in
+        # bf16 between the products, as the flash kernel keeps them.
         ctx.input_dtypes = (q.dtype, k.dtype, v.dtype)
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else v.dtype
         with torch.autocast("cpu", enabled=False):
             q, k, v = (t.to(dtype) for t in (q, k, v))
             T, head_size = q.size(-2), q.size(-1)
-            scale = 1.0 / math.sqrt(head_size)
-            softmax_dtype = torch.promote_types(dtype, torch.float32)
-            scores = torch.matmul(q, k.transpose(-2, -1)).to(softmax_dtype).mul_(scale)
+            ctx.scale = 1.0 / math.sqrt(head_size)
+            scaled_q = q * ctx.scale  # on the (T, head_size) queries, not the (T, T) scores
+            scores = torch.matmul(scaled_q, k.transpose(-2, -1))
             future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
             weights = torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)
             keep = keep_mask(weights.shape, 1.0 - p, weights.device) if p > 0 else None
-            dropped = (weights * keep if p > 0 else weights).to(dtype)
-            ctx.save_for_backward(q, k, v, weights, keep, dropped)
-            ctx.scale, ctx.keep_scale = scale, 1.0 / (1.0 - p)
+            dropped = weights * keep if p > 0 else weights
+            ctx.save_for_backward(scaled_q, k, v, weights, keep, dropped)
+            ctx.keep_scale = 1.0 / (1.0 - p)
             y = torch.matmul(dropped, v)
             return y.mul_(ctx.keep_scale) if p > 0 else y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        q, k, v, weights, keep, dropped = ctx.saved_tensors
+        scaled_q, k, v, weights, keep, dropped = ctx.saved_tensors
         with torch.autocast("cpu", enabled=False):
             grad_out = grad_out.to(v.dtype) * ctx.keep_scale
             grad_v = torch.matmul(dropped.transpose(-2, -1), grad_out)
-            grad_weights = torch.matmul(grad_out, v.transpose(-2, -1)).to(weights.dtype)
+            grad_weights = torch.matmul(grad_out, v.transpose(-2, -1))
             if keep is not None:
                 grad_weights.mul_(keep)
             grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
-            grad_scores = grad_scores.mul_(ctx.scale).to(q.dtype)
-            grad_q = torch.matmul(grad_scores, k)
-            grad_k = torch.matmul(grad_scores.transpose(-2, -1), q)
+            grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale)
+            grad_k = torch.matmul(grad_scores.transpose(-2, -1), scaled_q)
         q_dtype, k_dtype, v_dtype = ctx.input_dtypes
         return grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype), None
 
