@@ -41,9 +41,10 @@ from micropgpt.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "position", "activation")
-MODEL_OPTIONS = ("qk_norm", "zero_init_proj", "logit_softcap", "value_embeddings")
+MODEL_OPTIONS = ("qk_norm", "zero_init_proj", "logit_softcap", "value_embeddings", "smear")
 # Optional candidate keys, with the value a candidate that leaves them out gets.
 OPTIONS = {"qk_norm": False, "zero_init_proj": False, "logit_softcap": 0.0, "value_embeddings": False,
+           "smear": False,
            "precision": "32",
            "warmup_steps": 100, "min_lr_ratio": 0.05, "momentum": 0.95, "adamw_lr_ratio": 1.0}  # fmt: skip
 

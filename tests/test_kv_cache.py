@@ -27,6 +27,8 @@ def random_gpt(dtype: torch.dtype = torch.float64, **options) -> GPT:
     model = GPT(config).to(dtype).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(50)
+        if model.smear is not None:  # it starts at zero: a share that does something
+            model.smear.normal_()
     return model
 
 
@@ -55,8 +57,9 @@ def test_greedy_with_cache_equals_without_while_sequence_fits(prompt_length):
         {"qk_norm": True, "position": "rope"},
         {"logit_softcap": 5.0},
         {"value_embeddings": True},
+        {"smear": True},
     ],
-    ids=["seed", "rope", "relu2", "qk_norm", "softcap", "value_embeddings"],
+    ids=["seed", "rope", "relu2", "qk_norm", "softcap", "value_embeddings", "smear"],
 )
 def test_cached_logits_match_full_forward_in_float32(options):
     model = random_gpt(torch.float32, **options)

@@ -175,3 +175,20 @@ def test_value_embeddings_reach_the_values_and_train_with_the_other_tables():
     assert not torch.allclose(before, after)
     (_, embeddings, _) = parameter_groups(model)
     assert {id(table.weight) for table in tables} <= {id(p) for p in embeddings["params"]}
+
+
+def test_smear_adds_a_share_of_the_previous_characters_embedding_and_starts_at_none():
+    model = tiny_gpt(smear=True, position="rope")  # no position table: the first block sees the embeddings
+    idx = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    model(idx)
+    embeddings = model.tok_emb(idx)
+    torch.testing.assert_close(seen[-1], embeddings)  # the share starts at zero
+    with torch.no_grad():
+        model.smear.copy_(torch.linspace(-1.0, 1.0, 32))
+    model(idx)
+    previous = torch.cat([torch.zeros_like(embeddings[:, :1]), embeddings[:, :-1]], dim=1)
+    torch.testing.assert_close(seen[-1], embeddings + model.smear * previous)
+    (_, _, no_decay) = parameter_groups(model)
+    assert any(p is model.smear for p in no_decay["params"])

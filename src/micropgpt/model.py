@@ -42,6 +42,7 @@ class GPTConfig:
     zero_init_proj: bool = False  # residual projections start at zero: every block starts as identity
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0: off
     value_embeddings: bool = False  # each attention layer adds a learned embedding of the token to v
+    smear: bool = False  # each position's embedding gets a learned share of the previous one's
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -78,16 +79,18 @@ class Rotary(nn.Module):
         super().__init__()
         frequencies = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
         angles = torch.outer(torch.arange(block_size, dtype=torch.float32), frequencies)
+        # Channel i of the first half pairs with channel i of the second: x = (a, b) turns into
+        # (a cos - b sin, b cos + a sin) = x * (cos, cos) + (b, a) * (-sin, sin).
         # Derived from the config, not learned: kept out of checkpoints.
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", angles.cos().repeat(1, 2), persistent=False)
+        self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], dim=-1), persistent=False)
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x: (B, n_head, T, head_size) at positions start, start + 1, ..."""
         T = x.size(-2)
         cos, sin = self.cos[start : start + T].to(x.dtype), self.sin[start : start + T].to(x.dtype)
         first, second = x.chunk(2, dim=-1)
-        return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+        return x * cos + torch.cat([second, first], dim=-1) * sin
 
 
 class CausalSelfAttention(nn.Module):
@@ -181,6 +184,9 @@ class GPT(nn.Module):
         self.pos_emb = (
             nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
         )
+        # modded-nanogpt's smear: a per-channel share of the previous character's embedding, from
+        # zero, so that the first layer sees the last two characters without attending.
+        self.smear = nn.Parameter(torch.zeros(config.n_embd)) if config.smear else None
         self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -220,6 +226,8 @@ class GPT(nn.Module):
                 f"sequence of {start + T} positions is longer than block_size={self.config.block_size}"
             )
         x = self.tok_emb(idx)
+        if self.smear is not None:
+            x = x + self.smear * self._previous_embeddings(x, cache)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
@@ -236,6 +244,17 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    @staticmethod
+    def _previous_embeddings(x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """x (B, T, C) shifted one position later: each position gets the embedding before it; the
+        first gets the cache's last (zeros when there is none, as at the start of a window)."""
+        previous = F.pad(x[:, :-1], (0, 0, 1, 0))
+        if cache is not None:
+            if cache.length > 0:
+                previous[:, 0] = cache.last_embedding
+            cache.last_embedding = x[:, -1]
+        return previous
 
     def new_kv_cache(self, batch_size: int) -> KVCache:
         """An empty cache for `batch_size` sequences, on the model's device and in its dtype."""
@@ -273,6 +292,7 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled; every layer is filled to the same length
+        self.last_embedding: torch.Tensor | None = None  # of the last position, for model.smear
         self.capacity = config.block_size
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
