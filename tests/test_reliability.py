@@ -356,6 +356,26 @@ def test_the_final_weights_are_validated_and_saved_whatever_step_training_stops_
     assert f"last val/loss: {losses[final]:.4f} (step {final})" in result.stdout
 
 
+def test_a_schedule_decayed_by_time_ends_its_decay_with_the_time_budget(tiny, tmp_path):
+    """scheduler.decay_by=time: a 100,000-step cosine that a 4-second max_time stops still decays to
+    its final lr, following the time spent rather than the steps taken."""
+    run_dir = tmp_path / "run"
+    schedule = ["scheduler=cosine", "scheduler.warmup_steps=2", "scheduler.min_lr_ratio=0.1"]
+    stop = ["trainer.max_steps=100000", "+trainer.max_time=00:00:00:04", "trainer.val_check_interval=100000"]
+    by_time = ["scheduler.decay_by=time", "optimizer.lr=1e-3", "trainer.log_every_n_steps=1"]
+    result = train(tiny(run_dir, *schedule, *stop, *by_time))
+    assert result.returncode == 0, result.stderr
+    lrs = scalars(run_dir, "lr-AdamW/matrices")
+    steps = sorted(step for step in lrs if step >= 2)
+    assert len(steps) > 10 and steps[-1] < 99_999  # stopped by time, before decay_steps
+    decay = [lrs[step] for step in steps]
+    assert decay == sorted(decay, reverse=True) and decay[0] > 9e-4
+    # The last step starts within a few steps' time of the budget's end: the lr is nearly the final one.
+    assert 1e-4 <= decay[-1] < 1.05e-4
+    halfway = [lr for lr in decay if lr < 5.5e-4]  # the cosine's midpoint, at half the time
+    assert 0.3 < len(halfway) / len(decay) < 0.7
+
+
 # --- divergence ---
 
 

@@ -184,6 +184,14 @@ def test_a_cosine_schedule_without_a_length_is_one_line(tmp_path, corpus):
     )
 
 
+def test_a_schedule_decayed_by_time_without_a_time_budget_is_one_line(tmp_path, corpus):
+    assert_one_line_error(
+        tmp_path,
+        [*TINY, "scheduler=cosine", "scheduler.decay_by=time", f"data.path={corpus}"],
+        "scheduler.decay_by=time decays over the training time budget, and trainer.max_time is not set",
+    )
+
+
 def test_missing_corpus_is_one_line(tmp_path):
     assert_one_line_error(tmp_path, ["data.path=/no/such/file"], "corpus /no/such/file does not exist")
 

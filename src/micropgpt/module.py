@@ -7,12 +7,15 @@ from collections.abc import Callable, Iterable
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric, MinMetric
 
+from micropgpt.errors import UserError
+from micropgpt.lr_schedule import WarmupCosine
 from micropgpt.model import GPT, GPTConfig
 from micropgpt.optim import MUON_GROUP
 from micropgpt.resume import follow_config, optimizer_settings
@@ -160,6 +163,23 @@ class GPTModule(L.LightningModule):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def lr_scheduler_step(self, scheduler: LRScheduler, metric) -> None:
+        multipliers = _time_budget_multipliers(scheduler)
+        if multipliers:
+            timer = self._time_budget()
+            elapsed = timer.time_elapsed("train")
+            share = elapsed / (elapsed + timer.time_remaining("train"))
+            # Each process has its own clock; one lr for all keeps the replicas equal.
+            share = self.trainer.strategy.broadcast(share)
+            for multiplier in multipliers:
+                multiplier.spend_time(share)
+        super().lr_scheduler_step(scheduler, metric)
+
+    def _time_budget(self) -> Timer | None:
+        """Lightning's Timer for trainer.max_time, when it is set."""
+        timers = [c for c in self.trainer.callbacks if isinstance(c, Timer)]
+        return next((timer for timer in timers if timer.time_remaining() is not None), None)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # A resume follows this command's schedule (resume.follow_config, at on_train_start, once
         # Lightning restored the optimizer): Lightning would load the checkpoint's, old settings and all.
@@ -173,7 +193,18 @@ class GPTModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(parameter_groups(self.model))
         scheduler = None if self.scheduler_factory is None else self.scheduler_factory(optimizer)
+        if _time_budget_multipliers(scheduler) and self._time_budget() is None:
+            raise UserError(
+                "scheduler.decay_by=time decays over the training time budget, and trainer.max_time "
+                "is not set: add +trainer.max_time=DD:HH:MM:SS, or set scheduler.decay_by=steps"
+            )
         self._configured_optimizer = optimizer_settings(optimizer)  # with the schedule's step-0 lr
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _time_budget_multipliers(scheduler: LRScheduler | None) -> list[WarmupCosine]:
+    """The schedule's multipliers that follow trainer.max_time (scheduler.decay_by=time)."""
+    multipliers = getattr(scheduler, "lr_lambdas", [])
+    return [m for m in multipliers if isinstance(m, WarmupCosine) and m.decay_by == "time"]

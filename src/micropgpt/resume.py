@@ -164,7 +164,7 @@ def _schedule_settings(state: dict[str, Any]) -> dict[str, Any]:
     position = {"last_epoch", "base_lrs", "verbose"}
     settings = {k: v for k, v in state.items() if not k.startswith("_") and k not in position}
     for multiplier in settings.pop("lr_lambdas", None) or []:  # LambdaLR's, e.g. WarmupCosine's
-        settings.update(multiplier or {})
+        settings.update({k: v for k, v in (multiplier or {}).items() if not k.startswith("_")})
     return settings
 
 
