@@ -186,6 +186,11 @@ class GPTModule(L.LightningModule):
         self._saved_schedules, checkpoint["lr_schedulers"] = checkpoint.get("lr_schedulers", []), []
 
     def on_train_start(self) -> None:
+        if _time_budget_multipliers(self.lr_schedulers()) and self._time_budget() is None:
+            raise UserError(
+                "scheduler.decay_by=time decays over the training time budget, and trainer.max_time "
+                "is not set: add +trainer.max_time=DD:HH:MM:SS, or set scheduler.decay_by=steps"
+            )
         if self._saved_schedules is not None:
             follow_config(self.trainer, self._configured_optimizer, self._saved_schedules)
             self._saved_schedules = None
@@ -193,11 +198,6 @@ class GPTModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(parameter_groups(self.model))
         scheduler = None if self.scheduler_factory is None else self.scheduler_factory(optimizer)
-        if _time_budget_multipliers(scheduler) and self._time_budget() is None:
-            raise UserError(
-                "scheduler.decay_by=time decays over the training time budget, and trainer.max_time "
-                "is not set: add +trainer.max_time=DD:HH:MM:SS, or set scheduler.decay_by=steps"
-            )
         self._configured_optimizer = optimizer_settings(optimizer)  # with the schedule's step-0 lr
         if scheduler is None:
             return optimizer
