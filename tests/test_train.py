@@ -192,6 +192,14 @@ def test_a_schedule_decayed_by_time_without_a_time_budget_is_one_line(tmp_path, 
     )
 
 
+def test_an_unknown_decay_by_is_one_line(tmp_path, corpus):
+    assert_one_line_error(
+        tmp_path,
+        [*TINY, "scheduler=cosine", "scheduler.decay_by=epochs", f"data.path={corpus}"],
+        "scheduler.decay_by=epochs is not one of: steps, time",
+    )
+
+
 def test_missing_corpus_is_one_line(tmp_path):
     assert_one_line_error(tmp_path, ["data.path=/no/such/file"], "corpus /no/such/file does not exist")
 

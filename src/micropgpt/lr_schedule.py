@@ -41,7 +41,7 @@ class WarmupCosine:
             return (step + 1) / self.warmup_steps
         progress = min(1.0, (step - self.warmup_steps) / (self.decay_steps - self.warmup_steps))
         if self.decay_by == "time":
-            progress = max(progress, min(1.0, self._time_spent))
+            progress = max(progress, self._time_spent)
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine
 

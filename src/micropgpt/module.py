@@ -164,16 +164,21 @@ class GPTModule(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def lr_scheduler_step(self, scheduler: LRScheduler, metric) -> None:
+        self._follow_time_budget(scheduler)
+        super().lr_scheduler_step(scheduler, metric)
+
+    def _follow_time_budget(self, scheduler: LRScheduler | None) -> None:
+        """Tell the schedule's decay_by=time multipliers the share of max_time spent so far."""
         multipliers = _time_budget_multipliers(scheduler)
         if multipliers:
             timer = self._time_budget()
             elapsed = timer.time_elapsed("train")
-            share = elapsed / (elapsed + timer.time_remaining("train"))
+            budget = elapsed + timer.time_remaining("train")  # trainer.max_time, in seconds
+            share = min(1.0, elapsed / budget) if budget > 0 else 1.0
             # Each process has its own clock; one lr for all keeps the replicas equal.
             share = self.trainer.strategy.broadcast(share)
             for multiplier in multipliers:
                 multiplier.spend_time(share)
-        super().lr_scheduler_step(scheduler, metric)
 
     def _time_budget(self) -> Timer | None:
         """Lightning's Timer for trainer.max_time, when it is set."""
@@ -191,6 +196,9 @@ class GPTModule(L.LightningModule):
                 "scheduler.decay_by=time decays over the training time budget, and trainer.max_time "
                 "is not set: add +trainer.max_time=DD:HH:MM:SS, or set scheduler.decay_by=steps"
             )
+        # A resumed run's Timer starts from the checkpoint's elapsed time: the replayed schedule
+        # then ends at this run's share of the budget, not at step-only progress.
+        self._follow_time_budget(self.lr_schedulers())
         if self._saved_schedules is not None:
             follow_config(self.trainer, self._configured_optimizer, self._saved_schedules)
             self._saved_schedules = None
