@@ -28,9 +28,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -48,25 +47,21 @@ from hydra.errors import (
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import get_method, instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import Logger
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
-from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from micropgpt import slurm_launch
 from micropgpt.checkpoint import resolve_checkpoint
-from micropgpt.checkpoint_io import is_url
-from micropgpt.console import quiet_third_party_noise
 from micropgpt.errors import UserError, find_user_error
-from micropgpt.evaluation import prepare_evaluation, score
 from micropgpt.files import atomic_write, claim_new_dir, remove_stale_temporary_files
-from micropgpt.interrupts import TrainingInterrupted
 from micropgpt.model import GPTConfig
-from micropgpt.resume import check_resumable, resolve_ckpt_path
 from micropgpt.summary import RunResult, read_results, write_result, write_summary
+
+# Lightning (and the modules built on it) is imported by the jobs that train or evaluate, not here:
+# it takes seconds to import, and generate.py, composition errors and `import micropgpt` need none of it.
+if TYPE_CHECKING:
+    import lightning as L
+    from lightning.pytorch.loggers import Logger
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +107,8 @@ def on_first_process(value):
     torchrun and SLURM start every process with the same command line; the rank they set in the
     environment (read by Lightning at import) is all that tells them apart before training starts.
     """
+    from lightning.pytorch.utilities import rank_zero_only
+
     return value if rank_zero_only.rank == 0 else None
 
 
@@ -200,6 +197,8 @@ def refuse_script_relaunch(trainer: L.Trainer, python_api: bool) -> None:
     Plain DDP does; under -m each process would re-run the whole sweep (Lightning #18175, Hydra
     #2070). ddp_spawn starts them from inside the job, torchrun and SLURM from outside: both fine.
     """
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     if not (in_sweep or python_api):
         return
@@ -240,6 +239,8 @@ def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
 
 def remove_interrupted_writes(trainer: L.Trainer) -> None:
     """Remove what writes killed before their rename (a SIGKILL, a power cut) left in the run's dirs."""
+    from micropgpt.checkpoint_io import is_url
+
     dirs = [HydraConfig.get().runtime.output_dir, *(c.dirpath for c in trainer.checkpoint_callbacks)]
     removed = remove_stale_temporary_files(Path(d) for d in dirs if d and not is_url(d))
     if removed:
@@ -250,6 +251,8 @@ def remove_interrupted_writes(trainer: L.Trainer) -> None:
 def instantiate_callbacks(callbacks: DictConfig, loggers: list[Logger]) -> list[L.Callback]:
     """conf/callbacks' callbacks, less those set to null (`callbacks.<name>=null`), and without a
     logger (`logger=null`) less LearningRateMonitor, which refuses a Trainer that has none."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
     instances = [instantiate(literal_config(c)) for c in callbacks.values() if c is not None]
     if not loggers:
         instances = [c for c in instances if not isinstance(c, LearningRateMonitor)]
@@ -261,6 +264,13 @@ def train(cfg: DictConfig, python_api: bool = False) -> float | None:
 
     Returns the best validation loss (what Hydra sweepers minimise).
     """
+    import lightning as L
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from micropgpt.console import quiet_third_party_noise
+    from micropgpt.interrupts import TrainingInterrupted
+    from micropgpt.resume import check_resumable, resolve_ckpt_path
+
     started = time.perf_counter()
     quiet_third_party_noise()
     if rank_zero_only.rank == 0:
@@ -371,6 +381,11 @@ def resume_command() -> str:
 
 def train_command(cfg: DictConfig) -> float | None:
     """`python train.py`'s job: `train`, with the command line's answers to what can go wrong."""
+    from lightning.pytorch.utilities import rank_zero_only
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from micropgpt.interrupts import TrainingInterrupted
+
     if _typed_args is not None:
         # Lightning's DDP launcher starts the other processes with sys.argv: as typed, each quotes it.
         sys.argv[1:] = _typed_args
@@ -420,6 +435,8 @@ def run_data_config(checkpoint: Path) -> dict:
 def evaluate(cfg: DictConfig, python_api: bool = False) -> dict:
     """conf/eval.yaml's evaluation (micropgpt.evaluation) on a Trainer built from `cfg.trainer`;
     writes `cfg.out` from the first process. Returns the result on every process."""
+    from micropgpt.evaluation import prepare_evaluation, score
+
     if cfg.ckpt is None:
         raise UserError("no checkpoint given: pass ckpt= a run directory (outputs/DATE/TIME) or a .ckpt file")
     if cfg.out is not None and Path(cfg.out).is_dir():
