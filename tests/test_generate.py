@@ -181,3 +181,18 @@ def test_error_is_one_line_nonzero_exit_and_nothing_written(case, tiny_run, tmp_
     assert expected in line
     assert not out.exists()
     assert not (tmp_path / "pwned").exists()
+
+
+def test_sampling_starts_without_importing_lightning():
+    """generate.py and `import micropgpt` need no Lightning, whose import takes seconds: only the
+    training and evaluation jobs import it."""
+    check = (
+        "import runpy, sys; sys.argv = ['generate.py', '--cfg', 'job']; "
+        "import micropgpt, micropgpt.sampling; "
+        "runpy.run_path('generate.py', run_name='__main__'); "
+        "assert 'lightning' not in sys.modules, 'lightning was imported'"
+    )
+    command = [sys.executable, "-c", check]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "prompt:" in result.stdout
