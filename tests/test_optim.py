@@ -16,12 +16,20 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.optim.lr_scheduler import LambdaLR
 
+from micropgpt import optim
 from micropgpt.errors import UserError
 from micropgpt.model import GPT, Block, GPTConfig
 from micropgpt.module import parameter_groups
-from micropgpt.optim import BatchedMuon, MuonWithAdamW
+from micropgpt.optim import BatchedMuon, MuonWithAdamW, newton_schulz_dtype, orthogonalise
 
 HYPERPARAMETERS = {"lr": 1e-2, "weight_decay": 0.1, "momentum": 0.95, "betas": (0.9, 0.99)}
+
+
+@pytest.fixture
+def bf16_newton_schulz(monkeypatch):
+    """BatchedMuon iterating in bf16 on any CPU, as torch's Muon always does: for the tests that
+    compare the two."""
+    monkeypatch.setattr(optim, "newton_schulz_dtype", lambda device: torch.bfloat16)
 
 
 def tiny_gpt(position: str = "learned") -> GPT:
@@ -40,7 +48,7 @@ def train_steps(model: GPT, optimizer: torch.optim.Optimizer, steps: int, seed: 
 
 
 @pytest.mark.parametrize("position", ["learned", "rope"])
-def test_matrices_get_muon_and_everything_else_adamw(position):
+def test_matrices_get_muon_and_everything_else_adamw(position, bf16_newton_schulz):
     combined_model, reference_model = tiny_gpt(position), tiny_gpt(position)
     combined = MuonWithAdamW(parameter_groups(combined_model), **HYPERPARAMETERS)
     matrices, *others = parameter_groups(reference_model)
@@ -75,7 +83,7 @@ def test_matrices_get_muon_and_everything_else_adamw(position):
 @pytest.mark.parametrize(
     "settings", [{"adjust_lr_fn": "match_rms_adamw"}, {"adjust_lr_fn": "original", "nesterov": False}]
 )
-def test_batched_muon_updates_what_torch_muon_does_and_shares_its_state(settings):
+def test_batched_muon_updates_what_torch_muon_does_and_shares_its_state(settings, bf16_newton_schulz):
     shapes = [(24, 8), (8, 8), (8, 24), (24, 8), (8, 8), (8, 24), (24, 8)]  # several of each, both ways
 
     def parameters() -> list[torch.nn.Parameter]:
@@ -98,6 +106,27 @@ def test_batched_muon_updates_what_torch_muon_does_and_shares_its_state(settings
             reference.load_state_dict(copy.deepcopy(batched_state))
     for got, expected in zip(batched_params, reference_params, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("native", "cpu_dtype"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_newton_schulz_runs_in_bf16_only_where_the_device_has_it(monkeypatch, native, cpu_dtype):
+    monkeypatch.setattr(optim, "native_bf16", lambda: native)
+    assert newton_schulz_dtype(torch.device("cpu")) == cpu_dtype
+    assert newton_schulz_dtype(torch.device("cuda")) == torch.bfloat16
+
+
+def test_newton_schulz_in_float32_orthogonalises_as_bf16_does():
+    torch.manual_seed(0)
+    updates = torch.randn(3, 24, 96)
+    coefficients = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's defaults
+    in_float32 = orthogonalise(updates, coefficients, 5, 1e-7, torch.float32)
+    in_bf16 = orthogonalise(updates, coefficients, 5, 1e-7, torch.bfloat16)
+    assert in_float32.dtype == torch.float32
+    # The same matrix to bf16 rounding (2^-8 relative, summed over a few iterations).
+    torch.testing.assert_close(in_float32, in_bf16.float(), rtol=0, atol=0.03)
+    # And nearly orthogonal: the quintic iteration brings every singular value into about [0.7, 1.2].
+    singular_values = torch.linalg.svdvals(in_float32)
+    assert singular_values.min() > 0.6 and singular_values.max() < 1.25
 
 
 def test_lr_schedule_reaches_both_inner_optimizers():

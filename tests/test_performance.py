@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from torch.nn import functional as F
 
 from micropgpt.checkpoint import load_checkpoint
-from micropgpt.cpu_kernels import Dropout, _CausalAttention, keep_mask
+from micropgpt.cpu_kernels import Dropout, _CausalAttention, keep_mask, native_bf16
 from micropgpt.hydra_app import bf16_if_native
 from micropgpt.model import GPT, GPTConfig
 
@@ -251,8 +251,8 @@ def test_cpu_2min_recipe_composes_trains_and_resumes(tmp_path, corpus):
     run_train(run_dir, *common, "trainer.max_steps=3")
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert cfg.trainer.max_time == "00:00:02:00"
-    # bf16 autocast exactly where the CPU has bf16 instructions (this machine: AVX512-BF16).
-    assert cfg.trainer.precision == ("bf16-mixed" if torch.cpu._is_avx512_bf16_supported() else "32-true")
+    # bf16 autocast exactly where the CPU has bf16 instructions (AVX512-BF16 or AMX).
+    assert cfg.trainer.precision == ("bf16-mixed" if native_bf16() else "32-true")
     assert cfg.data.val_fraction == 0.1
     assert cfg.trainer.val_check_interval == 3  # validates once, at the end of the run
     assert cfg.model.dropout == 0.0

@@ -1,6 +1,7 @@
 """CPU fast paths behind the GPT's standard operations: same results, fewer passes over memory.
 
-model.py calls three things from here, each a drop-in for a standard PyTorch operation:
+model.py calls three things from here, each a drop-in for a standard PyTorch operation (and
+`native_bf16` tells the recipes and Muon whether bf16 is fast on this CPU):
 
     Dropout / dropout     nn.Dropout / F.dropout
     causal_attention      F.scaled_dot_product_attention(q, k, v, dropout_p, is_causal=True)
@@ -23,6 +24,12 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Elsewhere torch emulates
+    bf16 matmuls, many times slower than float32 ones (README, Performance)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def _eager_cpu(x: torch.Tensor) -> bool:

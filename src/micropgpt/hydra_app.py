@@ -52,6 +52,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from micropgpt import slurm_launch
 from micropgpt.checkpoint import resolve_checkpoint
+from micropgpt.cpu_kernels import native_bf16
 from micropgpt.errors import UserError, find_user_error
 from micropgpt.files import atomic_write, claim_new_dir, remove_stale_temporary_files
 from micropgpt.model import GPTConfig
@@ -118,8 +119,7 @@ def bf16_if_native(accelerator: str) -> str:
     fp32, so a recipe must not ask for it there."""
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bf16-mixed" if native else "32-true"
+    return "bf16-mixed" if native_bf16() else "32-true"
 
 
 # replace=True: a notebook may reload this module.

@@ -8,7 +8,8 @@ head, biases and LayerNorm gains stay with AdamW, as its authors recommend. Both
 torch.optim (Muon since torch 2.9); this class only routes parameter groups to them, so that
 Lightning, the LR scheduler, the LR monitor, gradient clipping and checkpoints see one optimizer.
 `BatchedMuon` is torch's Muon with the Newton-Schulz iterations of same-shape matrices run as one
-batched matmul: a small model's 16 matrices cost a few calls per iteration instead of 16.
+batched matmul: a small model's 16 matrices cost a few calls per iteration instead of 16; and in
+float32 on CPUs without native bf16.
 """
 
 from __future__ import annotations
@@ -21,16 +22,31 @@ from typing import Any
 import torch
 from torch.optim import AdamW, Optimizer
 
+from micropgpt.cpu_kernels import native_bf16
 from micropgpt.errors import UserError
 
 MUON_GROUP = "matrices"  # the parameter group (module.parameter_groups) that Muon takes
 
 
-def orthogonalise(updates: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float):
-    """torch.optim.Muon's Newton-Schulz iteration (bf16, quintic) on a (n, rows, cols) stack at once:
-    each matrix as torch's `_zeropower_via_newtonschulz` computes it alone, to float rounding."""
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """bf16, as torch's Muon iterates, where the device computes it natively (GPUs, CPUs with
+    AVX512-BF16 or AMX); float32 on other CPUs, where bf16 matmuls are emulated and the iteration
+    took half of a cpu_2min training step (README, Performance)."""
+    return torch.float32 if device.type == "cpu" and not native_bf16() else torch.bfloat16
+
+
+def orthogonalise(
+    updates: torch.Tensor,
+    coefficients: tuple[float, float, float],
+    steps: int,
+    eps: float,
+    dtype: torch.dtype,
+):
+    """torch.optim.Muon's Newton-Schulz iteration (quintic) in `dtype` on a (n, rows, cols) stack at
+    once: in bf16, each matrix as torch's `_zeropower_via_newtonschulz` computes it alone, to float
+    rounding."""
     a, b, c = coefficients
-    x = updates.bfloat16()
+    x = updates.to(dtype)
     tall = updates.size(-2) > updates.size(-1)
     if tall:  # iterate on the wide orientation: the Gram matrix is the smaller one
         x = x.mT
@@ -52,7 +68,8 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float
 
 
 class BatchedMuon(torch.optim.Muon):
-    """torch.optim.Muon, with the matrices of one shape stacked for `orthogonalise`.
+    """torch.optim.Muon, with the matrices of one shape stacked for `orthogonalise`, which iterates
+    in `newton_schulz_dtype`.
 
     Same arguments, state ("momentum_buffer" per parameter) and checkpoints as torch's Muon.
     """
@@ -75,7 +92,11 @@ class BatchedMuon(torch.optim.Muon):
                 torch._foreach_lerp_(buffers, grads, 1 - momentum)
                 updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
                 orthogonal = orthogonalise(
-                    torch.stack(updates), group["ns_coefficients"], group["ns_steps"], group["eps"]
+                    torch.stack(updates),
+                    group["ns_coefficients"],
+                    group["ns_steps"],
+                    group["eps"],
+                    newton_schulz_dtype(params[0].device),
                 )
                 lr = group["lr"]
                 torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
