@@ -30,8 +30,8 @@ MUON_GROUP = "matrices"  # the parameter group (module.parameter_groups) that Mu
 
 def newton_schulz_dtype(device: torch.device) -> torch.dtype:
     """bf16, as torch's Muon iterates, where the device computes it natively (GPUs, CPUs with
-    AVX512-BF16 or AMX); float32 on other CPUs, where bf16 matmuls are emulated and the iteration
-    took half of a cpu_2min training step (README, Performance)."""
+    AVX512-BF16 or AMX); float32 on other CPUs, where bf16 matmuls are emulated, many times slower
+    (README, Performance)."""
     return torch.float32 if device.type == "cpu" and not native_bf16() else torch.bfloat16
 
 
