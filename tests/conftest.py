@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkserver
 import pytest
 
 # One thread per process: the tiny models gain nothing from two, and where the cores are busy
@@ -64,10 +65,8 @@ def run_train(run_dir: Path, *overrides: str, data_dir: Path | None = None, chec
         *overrides,
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # No stdin: nothing may wait for an answer (a tracker's login prompt).
-    result = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL
-    )
+    # No stdin (forkserver.run's): nothing may wait for an answer (a tracker's login prompt).
+    result = forkserver.run(cmd, cwd=ROOT, env=env, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkserver
 import pytest
 import torch
 from conftest import ROOT
@@ -23,7 +24,7 @@ def run_eval(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     cwd.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(ROOT / "eval.py"), "trainer.accelerator=cpu", *overrides]
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    return forkserver.run(cmd, cwd=cwd, env=env, timeout=600)
 
 
 def evaluated(cwd: Path, *overrides: str) -> dict:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkserver
 import pytest
 import torch
 
@@ -24,7 +25,7 @@ def run_generate(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     before = sorted(cwd.iterdir())
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     cmd = [sys.executable, str(ROOT / "generate.py"), *overrides]
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    result = forkserver.run(cmd, cwd=cwd, env=env, timeout=300)
     assert sorted(cwd.iterdir()) == before, "generate.py wrote files into the working directory"
     return result
 

@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import forkserver
 import fsspec
 import pytest
 import torch
@@ -47,8 +48,13 @@ def train_command(run_dir: Path, data_dir: Path, *overrides: str) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *where, *overrides]
 
 
-def train(command: list[str], env=ENV, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+def train(command: list[str], env=ENV, preexec_fn=None) -> subprocess.CompletedProcess:
+    if preexec_fn is None:
+        return forkserver.run(command, cwd=ROOT, env=env, timeout=600)
+    # A process of its own, which preexec_fn sets up.
+    return subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, preexec_fn=preexec_fn
+    )
 
 
 def start_train(command: list[str]) -> subprocess.Popen:

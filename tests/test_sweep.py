@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import forkserver
 import pytest
 from conftest import ROOT, run_train_without
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -47,7 +48,7 @@ def run_sweep(
         *overrides,
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    result = forkserver.run(cmd, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == returncode, f"exit {result.returncode}:\n{result.stdout}\n{result.stderr}"
     return result
 

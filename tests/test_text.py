@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkserver
 import pytest
 import torch
 from conftest import ROOT, TINY
@@ -59,9 +60,7 @@ def fake_srun(tmp_path: Path) -> dict[str, str]:
 
 def train(run_dir: Path, data_dir: Path, *overrides: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", f"data.data_dir={data_dir}"]
-    result = subprocess.run(
-        [*cmd, *TINY, *overrides], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
-    )
+    result = forkserver.run([*cmd, *TINY, *overrides], cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     return result
 
