@@ -731,13 +731,20 @@ def composition_error(error: HydraException, config_name: str, overrides: list[s
     if missing := re.match(r"Could not (override|delete from config\.) '?([^' ]+)'?", message):
         key, delete = missing[2], missing[1] != "override"
         value = _typed_value(key, overrides)
-        config_keys, arguments = _known_keys(config_name, [o for o in overrides if _key_of(o) != key])
-        if key in arguments and not delete:
-            return (
-                f"{key} is not in the config, so it needs a +: +{key}={value} "
-                f"(it is an argument of {arguments[key]} that the config leaves at its default)"
-            )
-        close = _closest(key, config_keys if delete else [*config_keys, *arguments])
+        config_keys, targets = _known_keys(config_name, [o for o in overrides if _key_of(o) != key])
+        # Listing a _target_'s arguments imports it (Lightning's Trainer: seconds): the targets on
+        # the key's own path first, every target only when those give no close key.
+        on_path = {prefix: target for prefix, target in targets.items() if key.startswith(prefix)}
+        for candidates in (on_path, targets):
+            arguments = _unset_arguments(candidates, config_keys)
+            if key in arguments and not delete:
+                return (
+                    f"{key} is not in the config, so it needs a +: +{key}={value} "
+                    f"(it is an argument of {arguments[key]} that the config leaves at its default)"
+                )
+            close = _closest(key, config_keys if delete else [*config_keys, *arguments])
+            if close is not None or delete:
+                break
         if close is None:
             return f"no key {key} in the config ({command} --cfg job lists them)" + (
                 "" if delete else f"; +{key}={value} adds one"
@@ -786,8 +793,8 @@ def _typed_value(key: str, overrides: list[str]) -> str:
 
 
 def _known_keys(config_name: str, overrides: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Every key of the composed config (hydra's included), and each argument of a `_target_` in it
-    that the config does not set (key: target); composed with `overrides` where they compose."""
+    """Every key of the composed config (hydra's included), and the `_target_` of each node that
+    has one (the node's key and a dot: target); composed with `overrides` where they compose."""
     singles = [o for o in overrides if not o.startswith("-")]
     GlobalHydra.instance().clear()
     for attempt in (singles, []):
@@ -800,7 +807,7 @@ def _known_keys(config_name: str, overrides: list[str]) -> tuple[list[str], dict
     else:
         return [], {}
     config_keys: list[str] = []
-    arguments: dict[str, str] = {}
+    targets: dict[str, str] = {}
 
     def walk(node: Any, prefix: str) -> None:
         if not isinstance(node, dict):
@@ -808,17 +815,27 @@ def _known_keys(config_name: str, overrides: list[str]) -> tuple[list[str], dict
         for name, child in node.items():
             config_keys.append(prefix + str(name))
             walk(child, f"{prefix}{name}.")
-        target = node.get("_target_")
-        try:
-            parameters = inspect.signature(get_method(target)).parameters if isinstance(target, str) else {}
-        except (ImportError, ValueError, TypeError, HydraException):
-            parameters = {}
-        for name, parameter in parameters.items():
-            if name not in node and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-                arguments[prefix + name] = target
+        if isinstance(node.get("_target_"), str):
+            targets[prefix] = node["_target_"]
 
     walk(OmegaConf.to_container(cfg, resolve=False), "")
-    return config_keys, arguments
+    return config_keys, targets
+
+
+def _unset_arguments(targets: dict[str, str], config_keys: list[str]) -> dict[str, str]:
+    """Each argument of the `targets` that the config does not set (its key: the target)."""
+    arguments: dict[str, str] = {}
+    for prefix, target in targets.items():
+        try:
+            parameters = inspect.signature(get_method(target)).parameters
+        except (ImportError, ValueError, TypeError, HydraException):
+            continue
+        for name, parameter in parameters.items():
+            if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                continue
+            if prefix + name not in config_keys:
+                arguments[prefix + name] = target
+    return arguments
 
 
 def null_groups_removed(argv: list[str]) -> list[str]:
