@@ -9,6 +9,8 @@ from pathlib import Path
 
 import forkserver
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 # One thread per process: the tiny models gain nothing from two, and where the cores are busy
 # (a shared CI machine, two DDP processes on two cores) threads waiting on each other made runs
@@ -89,3 +91,12 @@ def tiny_run(tmp_path_factory, corpus) -> Path:
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
     run_train(run_dir, *TINY, "trainer.max_steps=60", f"data.path={corpus}")
     return run_dir
+
+
+def tensorboard_hparams(run_dir: Path) -> dict:
+    """The hyperparameters in the run's TensorBoard event file (its HParams tab), as values."""
+    (event_file,) = run_dir.rglob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(event_file)).Reload()
+    content = accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = HParamsPluginData.FromString(content).session_start_info.hparams
+    return {name: getattr(value, value.WhichOneof("kind")) for name, value in hparams.items()}

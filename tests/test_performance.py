@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run_train
+from conftest import ROOT, TINY, run_train, tensorboard_hparams
 from omegaconf import OmegaConf
 from torch.nn import functional as F
 
@@ -261,6 +261,9 @@ def test_cpu_2min_recipe_composes_trains_and_resumes(tmp_path, corpus):
     assert checkpoint["hyper_parameters"]["model"]["n_embd"] == cfg.model.n_embd
     (optimizer_state,) = checkpoint["optimizer_states"]
     assert set(optimizer_state) == {"muon", "adamw"}  # optimizer=muon: MuonWithAdamW's state
+    hparams = tensorboard_hparams(run_dir)  # the recipe's choices, to compare runs by in TensorBoard
+    assert (hparams["optimizer"], hparams["scheduler"], hparams["decay_by"]) == ("muon", "cosine", "time")
+    assert (hparams["position"], hparams["smear"], hparams["max_time"]) == ("rope", True, "00:00:02:00")
 
     run_train(run_dir, *common, "trainer.max_steps=6", "ckpt_path=last")
     resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)

@@ -17,14 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, require_extra, run_train, run_train_without
+from conftest import ROOT, TINY, require_extra, run_train, run_train_without, tensorboard_hparams
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 from rank_report import read_reports
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from test_sweep import read_summary, run_sweep
 
 from micropgpt.data import DOCUMENT_SEPARATOR, encode_corpus
@@ -410,12 +409,9 @@ def test_bf16_mixed_accumulation_and_clipping_reach_the_trainer(multilingual_run
 
 def test_precision_accumulation_and_clipping_are_tensorboard_hparams(multilingual_run):
     run_dir, _ = multilingual_run
-    accumulator = EventAccumulator(str(tensorboard_folder(run_dir))).Reload()
-    content = accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-    hparams = HParamsPluginData.FromString(content).session_start_info.hparams
-    assert hparams["precision"].string_value == "bf16-mixed"
-    assert hparams["gradient_clip_val"].number_value == 0.5
-    assert hparams["accumulate_grad_batches"].number_value == 2
+    hparams = tensorboard_hparams(run_dir)
+    assert hparams["precision"] == "bf16-mixed"
+    assert (hparams["gradient_clip_val"], hparams["accumulate_grad_batches"]) == (0.5, 2)
 
 
 def test_non_ascii_directory_corpus_trains_and_samples_from_a_non_ascii_prompt(multilingual_run):

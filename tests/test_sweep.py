@@ -13,9 +13,8 @@ from pathlib import Path
 
 import forkserver
 import pytest
-from conftest import ROOT, run_train_without
+from conftest import ROOT, run_train_without, tensorboard_hparams
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 # Fixed settings of a tiny, seconds-long run. Run names leave them out: they carry only what varies.
 FIXED = {
@@ -90,22 +89,17 @@ def test_run_names_carry_what_the_sweep_varies_and_hparams_reach_tensorboard(gri
         "3/n_embd=16,n_layer=2",
     ]
     for name, run_dir in names.items():
-        accumulator = EventAccumulator(str(run_dir))
-        accumulator.Reload()
-        content = accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-        hparams = HParamsPluginData.FromString(content).session_start_info.hparams
+        hparams = tensorboard_hparams(run_dir)
         for key in ("n_embd", "n_layer", "n_head", "block_size", "lr", "dropout", "batch_size", "num_params"):
             assert key in hparams, (name, key)
-        assert {
-            key: hparams[key].string_value for key in ("optimizer", "position", "activation", "precision")
-        } == {
+        assert {key: hparams[key] for key in ("optimizer", "position", "activation", "precision")} == {
             "optimizer": "adamw",
             "position": "learned",
             "activation": "gelu",
             "precision": "32-true",
         }
-        n_embd, n_layer = (int(hparams[key].number_value) for key in ("n_embd", "n_layer"))
-        assert name.endswith(f"/n_embd={n_embd},n_layer={n_layer}")
+        assert name.endswith(f"/n_embd={hparams['n_embd']:.0f},n_layer={hparams['n_layer']:.0f}")
+        accumulator = EventAccumulator(str(run_dir)).Reload()
         assert "val/loss_best" in accumulator.Tags()["scalars"], name
 
 

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run_train
+from conftest import ROOT, TINY, run_train, tensorboard_hparams
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from micropgpt.checkpoint import load_checkpoint
 from micropgpt.model import GPT, GPTConfig
@@ -51,11 +50,10 @@ def test_tensorboard_has_scalars_text_samples_and_hparams(tiny_run):
     text = samples[-1].tensor_proto.string_val[0].decode("utf-8")
     assert len(text.replace("\n    ", "")) >= 50
 
-    content = accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-    hparams = HParamsPluginData.FromString(content).session_start_info.hparams
-    assert hparams["n_embd"].number_value == 32
-    assert hparams["n_layer"].number_value == 2
-    assert hparams["vocab_size"].number_value == 65
+    hparams = tensorboard_hparams(tiny_run)
+    assert (hparams["n_embd"], hparams["n_layer"], hparams["vocab_size"]) == (32, 2, 65)
+    assert (hparams["optimizer"], hparams["scheduler"], hparams["smear"]) == ("adamw", "constant", False)
+    assert "warmup_steps" not in hparams and "max_time" not in hparams  # not settings of this run
 
 
 def test_text_samples_are_what_sampling_the_checkpoint_gives(tiny_run):

@@ -57,9 +57,10 @@ class TextSamples(L.Callback):
 class Hyperparameters(L.Callback):
     """Gives the run's hyperparameters to every logger at the start of training.
 
-    `params` are the values to compare runs by (the config chooses them); the parameter count and
-    vocabulary size are added here. TensorBoard's HParams tab shows each run against the latest
-    value of every scalar named in `metrics`, which the LightningModule logs at each validation.
+    `params` are the values to compare runs by (the config chooses them; None ones are left out);
+    the parameter count and vocabulary size are added here. TensorBoard's HParams tab shows each
+    run against the latest value of every scalar named in `metrics`, which the LightningModule
+    logs at each validation.
     """
 
     def __init__(self, params: dict, metrics: tuple[str, ...] = ("val/loss_best", "val/bpc_best")):
@@ -67,8 +68,9 @@ class Hyperparameters(L.Callback):
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        given = {k: v for k, v in self.params.items() if v is not None}  # None: not a setting of this run
         params = {
-            **{k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in self.params.items()},
+            **{k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in given.items()},
             "num_params": pl_module.model.num_parameters(),
             "vocab_size": pl_module.model.config.vocab_size,
         }
