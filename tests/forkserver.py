@@ -9,8 +9,9 @@ reports the exit status, and under it the script's process, in a session of its 
 the script with runpy as `python script.py` would (its argv, working directory, environment,
 stdin from /dev/null, fresh random seeds, the normal interpreter exit with atexit handlers).
 
-Requests whose environment differs from the server's in what Python reads only at start-up
-(the locale, PYTHON* settings other than output encoding and buffering) run as plain subprocesses.
+Requests whose environment differs from the server's in what is read at start-up or on import
+(STARTUP_PREFIXES: the locale, PYTHON* settings other than output encoding and buffering, HOME,
+TMPDIR, thread and torch settings) run as plain subprocesses.
 """
 
 from __future__ import annotations

@@ -246,6 +246,12 @@ def assert_one_line_error(tmp_path: Path, overrides: list[str], expected: str, d
             "trainer.max_time is not in the config, so it needs a +: +trainer.max_time=00:00:01:00 (it is an "
             "argument of lightning.pytorch.Trainer that the config leaves at its default)",
         ),
+        (
+            "max_time=00:00:01:00",  # not the HParams copy, callbacks.hparams.params.max_time
+            "no key max_time in the config; did you mean trainer.max_time? It is an argument of "
+            "lightning.pytorch.Trainer that the config does not set, so it needs a +: "
+            "+trainer.max_time=00:00:01:00",
+        ),
         ("+model.n_embd=64", "model.n_embd is already in the config: drop the +, model.n_embd=64"),
         ("~sed", "no key sed in the config to delete; did you mean ~seed?"),
         (

@@ -731,19 +731,21 @@ def composition_error(error: HydraException, config_name: str, overrides: list[s
     if missing := re.match(r"Could not (override|delete from config\.) '?([^' ]+)'?", message):
         key, delete = missing[2], missing[1] != "override"
         value = _typed_value(key, overrides)
-        config_keys, targets = _known_keys(config_name, [o for o in overrides if _key_of(o) != key])
+        config_keys, targets, mirrors = _known_keys(config_name, [o for o in overrides if _key_of(o) != key])
+        arguments: dict[str, str] = {}
+        close = _closest(key, config_keys, mirrors) if delete else None
         # Listing a _target_'s arguments imports it (Lightning's Trainer: seconds): the targets on
         # the key's own path first, every target only when those give no close key.
         on_path = {prefix: target for prefix, target in targets.items() if key.startswith(prefix)}
-        for candidates in (on_path, targets):
+        for candidates in () if delete else (on_path, targets):
             arguments = _unset_arguments(candidates, config_keys)
-            if key in arguments and not delete:
+            if key in arguments:
                 return (
                     f"{key} is not in the config, so it needs a +: +{key}={value} "
                     f"(it is an argument of {arguments[key]} that the config leaves at its default)"
                 )
-            close = _closest(key, config_keys if delete else [*config_keys, *arguments])
-            if close is not None or delete:
+            close = _closest(key, [*config_keys, *arguments], mirrors)
+            if close is not None:
                 break
         if close is None:
             return f"no key {key} in the config ({command} --cfg job lists them)" + (
@@ -771,13 +773,15 @@ def composition_error(error: HydraException, config_name: str, overrides: list[s
     return "; ".join(line for line in lines if line and not line.startswith(("full_key:", "object_type=")))
 
 
-def _closest(key: str, keys: list[str]) -> str | None:
+def _closest(key: str, keys: list[str], mirrors: set[str]) -> str | None:
     """The key of `keys` closest to `key`, else the one whose last part is closest to its last part
-    (`prompt` finds callbacks.text_samples.prompt); None when none is close."""
+    (`prompt` finds callbacks.text_samples.prompt), leaving out `mirrors`, keys whose value is
+    another's (`max_time` means trainer.max_time, not callbacks.hparams.params.max_time); None
+    when none is close."""
     close = difflib.get_close_matches(key, keys, n=1)
     if close:
         return close[0]
-    by_last_part = {k.rsplit(".", 1)[-1]: k for k in reversed(keys)}
+    by_last_part = {k.rsplit(".", 1)[-1]: k for k in reversed(keys) if k not in mirrors}
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_last_part), n=1, cutoff=0.8)
     return by_last_part[close[0]] if close else None
 
@@ -792,9 +796,10 @@ def _typed_value(key: str, overrides: list[str]) -> str:
     return values[-1] if values else "..."
 
 
-def _known_keys(config_name: str, overrides: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Every key of the composed config (hydra's included), and the `_target_` of each node that
-    has one (the node's key and a dot: target); composed with `overrides` where they compose."""
+def _known_keys(config_name: str, overrides: list[str]) -> tuple[list[str], dict[str, str], set[str]]:
+    """Every key of the composed config (hydra's included), the `_target_` of each node that has
+    one (the node's key and a dot: target), and the keys whose value is one interpolation `${...}`;
+    composed with `overrides` where they compose."""
     singles = [o for o in overrides if not o.startswith("-")]
     GlobalHydra.instance().clear()
     for attempt in (singles, []):
@@ -805,21 +810,24 @@ def _known_keys(config_name: str, overrides: list[str]) -> tuple[list[str], dict
         except (HydraException, OmegaConfBaseException):
             continue
     else:
-        return [], {}
+        return [], {}, set()
     config_keys: list[str] = []
     targets: dict[str, str] = {}
+    mirrors: set[str] = set()
 
     def walk(node: Any, prefix: str) -> None:
         if not isinstance(node, dict):
             return
         for name, child in node.items():
             config_keys.append(prefix + str(name))
+            if isinstance(child, str) and re.fullmatch(r"\$\{[^${}]*\}", child):
+                mirrors.add(prefix + str(name))
             walk(child, f"{prefix}{name}.")
         if isinstance(node.get("_target_"), str):
             targets[prefix] = node["_target_"]
 
     walk(OmegaConf.to_container(cfg, resolve=False), "")
-    return config_keys, targets
+    return config_keys, targets, mirrors
 
 
 def _unset_arguments(targets: dict[str, str], config_keys: list[str]) -> dict[str, str]:
