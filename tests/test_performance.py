@@ -15,7 +15,14 @@ from omegaconf import OmegaConf
 from torch.nn import functional as F
 
 from micropgpt.checkpoint import load_checkpoint
-from micropgpt.cpu_kernels import Dropout, _CausalAttention, keep_mask, native_bf16
+from micropgpt.cpu_kernels import (
+    Dropout,
+    _CausalAttention,
+    causal_attention,
+    keep_mask,
+    native_bf16,
+    relu_squared,
+)
 from micropgpt.hydra_app import bf16_if_native
 from micropgpt.model import GPT, GPTConfig
 
@@ -137,6 +144,51 @@ def test_attention_without_dropout_is_sdpas_with_its_gradients(autocast, toleran
     for got, expected in zip(ours, reference, strict=True):
         assert got.dtype == expected.dtype
         torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "autocast", "dropout_p", "hand_written"),
+    [
+        (torch.float32, False, 0.0, False),  # float32 training: the flash kernel is the faster one
+        (torch.float32, True, 0.0, True),  # bf16-mixed: its bf16 backward is the slow one
+        (torch.bfloat16, False, 0.0, True),
+        (torch.float32, False, 0.1, True),  # dropout: SDPA would take its unfused math path
+    ],
+)
+def test_training_attention_takes_the_hand_written_kernel_for_dropout_and_bf16_only(
+    monkeypatch, dtype, autocast, dropout_p, hand_written
+):
+    calls = []
+    monkeypatch.setattr(_CausalAttention, "apply", lambda *args: calls.append("hand") or args[0])
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append("sdpa") or q)
+    q, k, v = (torch.randn(2, 3, 16, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        causal_attention(q, k, v, dropout_p)
+        with torch.no_grad():  # validation and prompts: the flash kernel, unless dropout is asked for
+            causal_attention(q, k, v, 0.0)
+    assert calls == ["hand" if hand_written else "sdpa", "sdpa"]
+
+
+@pytest.mark.parametrize(
+    ("autocast", "dtype"), [(False, torch.float32), (True, torch.float32), (False, torch.float64)]
+)
+def test_relu_squared_has_the_values_and_gradients_of_autograds(autocast, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 48, dtype=dtype)
+    x[0, 0, :4] = 0.0  # the kink: both give gradient 0 there
+    grad_out = torch.randn(4, 8, 48, dtype=dtype)
+
+    def output_and_grad(activation):
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = activation(inputs.to(torch.bfloat16) if autocast else inputs)
+        return out, *torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+
+    ours = output_and_grad(relu_squared)
+    reference = output_and_grad(lambda t: F.relu(t).square())
+    for got, expected in zip(ours, reference, strict=True):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_attention_dropout_drops_weights_and_keeps_their_expectation():

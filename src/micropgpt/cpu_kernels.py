@@ -1,17 +1,19 @@
 """CPU fast paths behind the GPT's standard operations: same results, fewer passes over memory.
 
-model.py calls three things from here, each a drop-in for a standard PyTorch operation (and
+model.py calls four things from here, each a drop-in for a standard PyTorch operation (and
 `native_bf16` tells the recipes and Muon whether bf16 is fast on this CPU):
 
     Dropout / dropout     nn.Dropout / F.dropout
     causal_attention      F.scaled_dot_product_attention(q, k, v, dropout_p, is_causal=True)
+    relu_squared          F.relu(x).square()
     Linear                nn.Linear
 
 Why: on the CPU, PyTorch draws each Bernoulli decision of dropout from a serial, double-precision
 random stream, `scaled_dot_product_attention` with `dropout_p > 0` leaves its fused kernel for
-the unfused math path, and without dropout its flash kernel's backward is slow for small heads
-(in bf16 most of all); `dropout` and `causal_attention` compute the same thing in eager CPU
-training with cheaper random bits and fewer passes over the attention weights. `Linear` takes a
+the unfused math path, and its flash kernel's backward is slow for small heads in bf16;
+`dropout` and `causal_attention` compute the same thing in eager CPU training with cheaper random
+bits and fewer passes over the attention weights. Autograd's backward of `F.relu(x).square()`
+makes four passes over the MLP's widest activation; `relu_squared`'s makes two. `Linear` takes a
 faster kernel for the few-row products of KV-cache decoding. Each is used only in eager mode on
 the CPU; on GPUs and under torch.compile the standard ops run, whose kernels are already fused.
 README's Performance section has the measurements.
@@ -79,9 +81,9 @@ class _CausalAttention(torch.autograd.Function):
     What `scaled_dot_product_attention(..., dropout_p=p, is_causal=True)` computes. With p > 0, in
     fewer passes over the (B, H, T, T) weights than its CPU math path: the masks are bool, no check
     for fully masked rows (a causal row always sees itself), the 1 / (1 - p) scale is applied to
-    the (B, H, T, head_size) output instead of the weights. With p = 0, instead of the CPU flash
-    kernel, whose backward is far slower for the small heads of short-run recipes (README,
-    Performance).
+    the (B, H, T, head_size) output instead of the weights. With p = 0 in bf16, instead of the CPU
+    flash kernel, whose bf16 backward is far slower for the small heads of short-run recipes
+    (README, Performance); in float32 that kernel is the faster one.
     """
 
     @staticmethod
@@ -125,10 +127,36 @@ class _CausalAttention(torch.autograd.Function):
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """Causal scaled dot-product attention of (B, n_head, T, head_size) tensors, with dropout_p on
     the attention weights."""
-    # Without dropout or autograd (validation, prompts), the flash kernel is the fast one.
-    if _eager_cpu(q) and (dropout_p > 0.0 or (torch.is_grad_enabled() and q.requires_grad)):
+    # Without dropout, the flash kernel is the fast one except for its backward in bf16 (training
+    # under bf16-mixed, which runs attention in autocast's dtype).
+    low_precision = q.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+    training = torch.is_grad_enabled() and q.requires_grad
+    if _eager_cpu(q) and (dropout_p > 0.0 or (training and low_precision)):
         return _CausalAttention.apply(q, k, v, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+class _ReluSquared(torch.autograd.Function):
+    """relu(x)^2, keeping relu(x) for the backward: grad * 2 relu(x) is the whole gradient (zero
+    where x < 0), two passes instead of autograd's pow, two products and the relu mask."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        positive = torch.relu(x)
+        ctx.save_for_backward(positive)
+        return positive.square()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+        (positive,) = ctx.saved_tensors
+        return (positive + positive).mul_(grad_out)
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """F.relu(x).square()."""
+    if _eager_cpu(x) and torch.is_grad_enabled() and x.requires_grad:
+        return _ReluSquared.apply(x)
+    return F.relu(x).square()
 
 
 class Linear(nn.Linear):
