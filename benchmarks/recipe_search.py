@@ -80,12 +80,17 @@ def build(candidate: dict, vocab_size: int, steps: int, device: str):
     return model, optimizer, schedule
 
 
+def autocast(candidate: dict, device_type: str) -> torch.autocast:
+    """Lightning's bf16-mixed for a "bf16" candidate, training and validation alike; else float32."""
+    bf16 = candidate.get("precision", OPTIONS["precision"]) == "bf16"
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def train_step(model, optimizer, schedule, ids: torch.Tensor, candidate: dict, generator) -> torch.Tensor:
     block, batch = candidate["block_size"], candidate["batch_size"]
     starts = torch.randint(len(ids) - block - 1, (batch,), device=ids.device, generator=generator)
     windows = ids[starts[:, None] + torch.arange(block + 1, device=ids.device)]
-    bf16 = candidate.get("precision", OPTIONS["precision"]) == "bf16"
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):  # Lightning's bf16-mixed
+    with autocast(candidate, ids.device.type):
         _, loss = model(windows[:, :-1], windows[:, 1:])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -115,21 +120,22 @@ def time_candidates(args: argparse.Namespace) -> None:
         for _ in range(args.timed_steps):
             train_step(model, optimizer, schedule, train_ids, candidate, generator)
         seconds = (time.perf_counter() - start) / args.timed_steps
-        steps = int(args.budget / seconds)
+        steps = max(1, int(args.budget / seconds))  # a step that overruns the budget still gets one
         print(json.dumps({**candidate, "ms_per_step": round(seconds * 1e3, 1), "steps": steps}), flush=True)
 
 
-def validation_loss(model: GPT, val_ids: torch.Tensor, block: int) -> float:
+def validation_loss(model: GPT, val_ids: torch.Tensor, candidate: dict) -> float:
+    block = candidate["block_size"]
     windows = val_ids[: (len(val_ids) - 1) // block * block + 1]
     inputs = windows[:-1].view(-1, block)
     targets = windows[1:].view(-1, block)
     total = 0.0
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(candidate, val_ids.device.type):
         for i in range(0, len(inputs), 256):
             logits, _ = model(inputs[i : i + 256])
             total += F.cross_entropy(
-                logits.flatten(0, 1), targets[i : i + 256].flatten(), reduction="sum"
+                logits.float().flatten(0, 1), targets[i : i + 256].flatten(), reduction="sum"
             ).item()
     return total / targets.numel()
 
@@ -144,7 +150,7 @@ def train_candidate(job: tuple[dict, str, str, int]) -> dict:
     start = time.perf_counter()
     for _ in range(candidate["steps"]):
         loss = train_step(model, optimizer, schedule, train_ids, candidate, generator)
-    val_loss = validation_loss(model, val_ids, candidate["block_size"])
+    val_loss = validation_loss(model, val_ids, candidate)
     return {**candidate, "val_loss": round(val_loss, 4), "train_loss": round(loss.item(), 4),
             "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
 
