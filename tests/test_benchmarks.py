@@ -47,19 +47,8 @@ def test_recipe_search_times_and_trains_float32_and_bf16_candidates(corpus, tmp_
     ]
     grid.write_text("".join(json.dumps(candidate) + "\n" for candidate in candidates))
     timed = tmp_path / "timed.jsonl"
-    timed.write_text(
-        run_benchmark(
-            "recipe_search.py",
-            "--corpus",
-            str(corpus),
-            "time",
-            "--grid",
-            str(grid),
-            "--budget",
-            "0.5",
-            *("--timed-steps", "2"),
-        )
-    )
+    timing = ["time", "--grid", str(grid), "--budget", "0.5", "--timed-steps", "2"]
+    timed.write_text(run_benchmark("recipe_search.py", "--corpus", str(corpus), *timing))
     timings = [json.loads(line) for line in timed.read_text().splitlines()]
     assert [{key: t[key] for key in candidates[i]} for i, t in enumerate(timings)] == candidates
     assert all(t["ms_per_step"] > 0 and t["steps"] >= 1 for t in timings)
