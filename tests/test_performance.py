@@ -191,6 +191,16 @@ def test_relu_squared_has_the_values_and_gradients_of_autograds(autocast, dtype)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_hand_written_backwards_refuse_a_second_derivative_instead_of_a_wrong_one():
+    x = torch.randn(2, 3, 8, 4, requires_grad=True)
+    for out in (relu_squared(x), _CausalAttention.apply(x, x, x, 0.0)):
+        # Squared, so that the incoming gradient depends on x: without the guard, the second
+        # derivative would follow that path only and silently miss the one through the kernel.
+        (grad,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            grad.sum().backward()
+
+
 def test_attention_dropout_drops_weights_and_keeps_their_expectation():
     """Averaged over many masks, attention with dropout gives attention without it."""
     torch.manual_seed(0)

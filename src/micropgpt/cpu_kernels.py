@@ -25,6 +25,7 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 
@@ -36,6 +37,10 @@ def native_bf16() -> bool:
 
 def _eager_cpu(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _needs_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
 
 
 def keep_mask(shape: torch.Size, keep_prob: float, device: torch.device) -> torch.Tensor:
@@ -109,6 +114,7 @@ class _CausalAttention(torch.autograd.Function):
             return y.mul_(ctx.keep_scale) if p > 0 else y
 
     @staticmethod
+    @once_differentiable  # a first-order backward: a second derivative through it raises
     def backward(ctx, grad_out: torch.Tensor):
         scaled_q, k, v, weights, keep, dropped = ctx.saved_tensors
         with torch.autocast("cpu", enabled=False):
@@ -130,8 +136,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     # Without dropout, the flash kernel is the fast one except for its backward in bf16 (training
     # under bf16-mixed, which runs attention in autocast's dtype).
     low_precision = q.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
-    training = torch.is_grad_enabled() and q.requires_grad
-    if _eager_cpu(q) and (dropout_p > 0.0 or (training and low_precision)):
+    if _eager_cpu(q) and (dropout_p > 0.0 or (_needs_grad(q) and low_precision)):
         return _CausalAttention.apply(q, k, v, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
@@ -147,6 +152,7 @@ class _ReluSquared(torch.autograd.Function):
         return positive.square()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
         (positive,) = ctx.saved_tensors
         return (positive + positive).mul_(grad_out)
@@ -154,7 +160,7 @@ class _ReluSquared(torch.autograd.Function):
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
     """F.relu(x).square()."""
-    if _eager_cpu(x) and torch.is_grad_enabled() and x.requires_grad:
+    if _eager_cpu(x) and _needs_grad(x):
         return _ReluSquared.apply(x)
     return F.relu(x).square()
 
