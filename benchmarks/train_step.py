@@ -1,7 +1,7 @@
 """Training-step speed: a plain PyTorch loop against the project's Lightning training, side by side.
 
     python benchmarks/train_step.py [--repeats 9] [--steps 5] [--rows fp32,dropout,bf16,compile]
-                                    [--json-out FILE] [OVERRIDE ...]
+                                    [--nanogpt DIR] [--json-out FILE] [OVERRIDE ...]
 
 (a) plain: a hand-written loop on `micropgpt.model.GPT`: nanoGPT-style random batches, forward,
     backward, gradient clipping, AdamW step, lr scheduler step.
@@ -9,8 +9,13 @@
     conf/train.yaml exactly as `python train.py` builds them (progress bar, TensorBoard logger,
     learning-rate monitor, checkpoint callback). Validation and checkpoint writing fall outside
     the timed steps: every timed block is shorter than trainer.val_check_interval.
-Both get the optimizer, scheduler, clipping and batch shape of the composed config, so they do
-the same computation. OVERRIDEs are Hydra overrides (default: the seed model, batch 32).
+(c) nanoGPT, with `--nanogpt DIR` (a checkout of github.com/karpathy/nanoGPT): its own train.py
+    on the same model, batch, AdamW and clipping, for the fp32 and dropout rows (on a CPU it
+    never autocasts). nanoGPT's architecture only: learned positions, GELU, none of the model
+    options. It ties the output head to the token embedding and holds its lr (decay_lr=False),
+    which change no step's cost.
+(a) and (b) get the optimizer, scheduler, clipping and batch shape of the composed config, so
+they do the same computation. OVERRIDEs are Hydra overrides (default: the seed model, batch 32).
 
 Every variant (row x {plain, Lightning}) first runs one untimed warm-up block (compilation
 included), then the variants take turns, A B C D ... A B C D ..., `--repeats` times: a change
@@ -18,9 +23,11 @@ in machine load hits all alike. One block = one untimed step, then `--steps` tim
 the block reports the median: a one-off stall (another process, a page-fault storm) does not
 decide a round. A Lightning step is timed from one `on_train_batch_end` to the next, so it
 includes everything Lightning does between two steps (data, hooks, logging, progress bar).
+A nanoGPT block is one run of its train.py, which prints each iteration's time.
 A row reports the median ms/step, tokens/s, the Lightning/plain speed ratio b/a (median of the
-per-round ratios; 1.0 = no overhead), and the model FLOPs utilisation against this machine's
-fp32 matmul peak (the best 4096^3 matmul, three measured per round):
+per-round ratios; 1.0 = no overhead), Lightning's speed against nanoGPT's b/c (above 1.0:
+Lightning is faster), and the model FLOPs utilisation against this machine's fp32 matmul peak
+(the best 4096^3 matmul, three measured per round):
     model FLOPs per token = 6 N + 12 L H Q T   (PaLM, appendix B; nanoGPT's estimate_mfu)
 with N the parameters of every matrix multiply (all but the two embedding tables), L layers,
 H heads, Q head size, T block size. Output: one JSON line per measured row, then a table.
@@ -32,8 +39,11 @@ import argparse
 import importlib
 import json
 import os
+import pickle
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -188,12 +198,113 @@ class LightningRun:
         return statistics.median(np.diff(step_ends.times))
 
 
+class NanoGPTRun:
+    """nanoGPT's own train.py, run from its checkout; each block is one more run of the script.
+
+    It runs in a scratch dir laid out as it expects: configurator.py (it opens that from the
+    working dir) and data/micropgpt/{train,val}.bin and meta.pkl, the composed config's splits as
+    uint16 ids like its prepare.py writes them. Its printed per-iteration `time` is the measure:
+    iteration 0 also evaluates, and 1 is the untimed step every variant has, so neither counts."""
+
+    ROWS = ("fp32", "dropout")
+    ITERATION = re.compile(r"^iter (\d+): loss \S+, time ([\d.]+)ms", re.MULTILINE)
+
+    def __init__(self, checkout: Path, cfg: DictConfig, splits: dict[str, np.ndarray], vocab_size: int):
+        needed = ("train.py", "model.py", "configurator.py")
+        if missing := [name for name in needed if not (checkout / name).is_file()]:
+            raise SystemExit(
+                f"--nanogpt {checkout}: no {', '.join(missing)} there; "
+                "give the directory of a clone of github.com/karpathy/nanoGPT"
+            )
+        m, optimizer, precision = cfg.model, cfg.optimizer, str(cfg.trainer.precision)
+        differences = [
+            name
+            for name, differs in {
+                f"model.position={m.position}": m.position != "learned",
+                f"model.activation={m.activation}": m.activation != "gelu",
+                "model.qk_norm": m.qk_norm,
+                "model.logit_softcap": m.logit_softcap > 0,
+                "model.value_embeddings": m.value_embeddings,
+                "model.smear": m.smear,
+                f"optimizer={optimizer._target_}": optimizer._target_ != "torch.optim.AdamW",
+                f"trainer.precision={precision}": precision not in ("32", "32-true"),
+            }.items()
+            if differs
+        ]
+        if differences:
+            raise SystemExit(
+                f"--nanogpt: nanoGPT's train.py has no {', '.join(differences)}; "
+                "compare on nanoGPT's architecture (the seed model: no experiment=, no model options)"
+            )
+        if vocab_size > 2**16:
+            raise SystemExit(f"--nanogpt: nanoGPT reads uint16 ids; this corpus has {vocab_size:,} symbols")
+        self.checkout = checkout
+        self.scratch = Path(tempfile.mkdtemp(prefix="nanogpt_"))
+        (self.scratch / "configurator.py").symlink_to((checkout / "configurator.py").resolve())
+        data = self.scratch / "data" / "micropgpt"
+        data.mkdir(parents=True)
+        for name, ids in splits.items():
+            ids.astype(np.uint16).tofile(data / f"{name}.bin")
+        # The pickle nanoGPT's prepare.py writes; its train.py reads only the vocabulary size.
+        (data / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": vocab_size}))
+        beta1, beta2 = optimizer.betas
+        self.arguments = [
+            "--dataset=micropgpt",
+            "--device=cpu",
+            "--dtype=float32",
+            "--compile=False",
+            f"--n_layer={m.n_layer}",
+            f"--n_head={m.n_head}",
+            f"--n_embd={m.n_embd}",
+            f"--block_size={m.block_size}",
+            f"--dropout={float(m.dropout)}",
+            f"--bias={m.bias}",
+            f"--batch_size={cfg.data.batch_size}",
+            "--gradient_accumulation_steps=1",
+            f"--learning_rate={float(optimizer.lr)}",
+            "--decay_lr=False",  # an lr schedule changes no step's cost
+            f"--weight_decay={float(optimizer.weight_decay)}",
+            f"--beta1={float(beta1)}",
+            f"--beta2={float(beta2)}",
+            f"--grad_clip={float(cfg.trainer.gradient_clip_val or 0.0)}",
+            "--eval_iters=1",
+            "--log_interval=1",
+            "--always_save_checkpoint=False",
+            f"--out_dir={self.scratch / 'out'}",
+        ]
+
+    def block(self, steps: int) -> float:
+        last = steps + 1
+        iterations = [f"--max_iters={last}", f"--eval_interval={last + 1}"]  # one evaluation: at 0
+        result = subprocess.run(
+            [sys.executable, str(self.checkout / "train.py"), *self.arguments, *iterations],
+            cwd=self.scratch,
+            # As many threads as this process's variants use.
+            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            tail = (result.stderr.strip() or "no output").splitlines()[-1]
+            raise SystemExit(f"nanoGPT's train.py failed (exit {result.returncode}): {tail}")
+        seconds = {int(i): float(ms) / 1e3 for i, ms in self.ITERATION.findall(result.stdout)}
+        if missing := sorted(set(range(2, last + 1)) - seconds.keys()):
+            raise SystemExit(f"nanoGPT's train.py printed no 'iter {missing[0]}: ... time ...ms' line")
+        return statistics.median(seconds[i] for i in range(2, last + 1))
+
+
 @dataclass
 class Variant:
     row: str
-    kind: str  # "plain" or "lightning"
+    kind: str  # "plain", "lightning" or "nanogpt"
     run: Callable[[int], float]
     seconds: list[float] = field(default_factory=list)
+
+
+def relative_speed(variant: Variant, baseline: Variant) -> float:
+    """The median over rounds of baseline's time / variant's: above 1.0, variant is faster."""
+    ratios = (b / v for v, b in zip(variant.seconds, baseline.seconds, strict=True))
+    return round(statistics.median(ratios), 4)
 
 
 def main() -> None:
@@ -203,12 +314,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="steps of each variant's untimed first block")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: one per core)")
+    parser.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout: its train.py as a third variant")
     parser.add_argument("--json-out", type=Path, help="also write the JSON lines to this file")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for conf/train.yaml")
     args = parser.parse_args()
     rows = args.rows.split(",")
     if unknown := set(rows) - set(ROWS):
         parser.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
+    if args.nanogpt and not set(rows) & set(NanoGPTRun.ROWS):
+        parser.error(f"--nanogpt compares the {' and '.join(NanoGPTRun.ROWS)} rows only")
     warnings.filterwarnings("ignore", message=".*(num_workers|LeafSpec).*")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -227,11 +341,20 @@ def main() -> None:
         ids = torch.from_numpy(ids.astype(np.int64))
         plain = PlainLoop(cfg, ids, len(datamodule.vocab), autocast, compile)
         variants += [Variant(row, "plain", plain.block), Variant(row, "lightning", lightning_run.block)]
+        if args.nanogpt and row in NanoGPTRun.ROWS:
+            val = datamodule.val_set
+            splits = {
+                "train": ids.numpy(),
+                "val": np.memmap(val.ids_path, dtype=val.dtype, mode="r")[val.start : val.stop],
+            }
+            nanogpt = NanoGPTRun(args.nanogpt, cfg, splits, len(datamodule.vocab))
+            variants.append(Variant(row, "nanogpt", nanogpt.block))
     model, batch = plain.model, cfg.data.batch_size
     tokens_per_step = batch * model.config.block_size
 
     for variant in variants:
-        variant.run(args.warmup)
+        if variant.kind != "nanogpt":  # a fresh process each block: nothing carries over to warm
+            variant.run(args.warmup)
     peaks = []
     for _ in range(args.repeats):
         peaks.append(matmul_gflops())
@@ -245,10 +368,15 @@ def main() -> None:
     flops = flops_per_token(model)
     records = []
     for row in rows:
-        plain, lightning = (v for v in variants if v.row == row)
-        ratio = statistics.median(p / q for p, q in zip(plain.seconds, lightning.seconds, strict=True))
-        record = {"row": row, "title": ROW_TITLES[row], "ratio_b_a": round(ratio, 4)}
-        for v in (plain, lightning):
+        kinds = {v.kind: v for v in variants if v.row == row}
+        record = {
+            "row": row,
+            "title": ROW_TITLES[row],
+            "ratio_b_a": relative_speed(kinds["lightning"], kinds["plain"]),
+        }
+        if "nanogpt" in kinds:
+            record["ratio_b_c"] = relative_speed(kinds["lightning"], kinds["nanogpt"])
+        for v in kinds.values():
             seconds = statistics.median(v.seconds)
             record[v.kind] = {
                 "ms_per_step": round(seconds * 1e3, 1),
@@ -294,6 +422,9 @@ def main() -> None:
     )
     columns = ["plain ms/step", "plain tokens/s", "Lightning ms/step", "Lightning tokens/s", "b/a"]
     columns += ["MFU plain", "MFU Lightning"]
+    with_nanogpt = any("nanogpt" in r for r in records)
+    if with_nanogpt:
+        columns += ["nanoGPT ms/step", "b/c"]
     print(f"| {'':22} | " + " | ".join(columns) + " |")
     print(f"|{'-' * 24}|" + "|".join("-" * (len(c) + 2) for c in columns) + "|")
     for r in records:
@@ -301,6 +432,9 @@ def main() -> None:
         cells = [f"{a['ms_per_step']:.1f}", f"{a['tokens_per_s']:,}", f"{b['ms_per_step']:.1f}"]
         mfu = [f"{x['mfu']:.1%}" if x["mfu"] is not None else "n/a" for x in (a, b)]
         cells += [f"{b['tokens_per_s']:,}", f"{r['ratio_b_a']:.3f}", *mfu]
+        if with_nanogpt:
+            n = r.get("nanogpt")
+            cells += [f"{n['ms_per_step']:.1f}", f"{r['ratio_b_c']:.3f}"] if n else ["-", "-"]
         print(
             f"| {r['title']:22} | "
             + " | ".join(f"{x:>{len(c)}}" for x, c in zip(cells, columns, strict=True))

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, TINY
 
 
@@ -35,6 +36,89 @@ def test_train_step_benchmark_runs_on_the_composed_config(corpus):
         f"data.path={corpus}",
     )
     assert "| fp32, dropout 0" in out and "MFU" in out
+
+
+# Stands in for nanoGPT's train.py where its interface matters to the benchmark: the config
+# globals it declares (its default values, so its configurator's type check applies), --key=value
+# overrides of existing keys only, the data layout it reads, and its per-iteration log line. Each
+# iteration "takes" 10 ms x (its number + 1), so the timed median is known.
+NANOGPT_STAND_IN = """
+import os, pickle, sys
+from ast import literal_eval
+import numpy as np
+
+out_dir = "out"; eval_interval = 2000; log_interval = 1; eval_iters = 200
+always_save_checkpoint = True; dataset = "openwebtext"; gradient_accumulation_steps = 40
+batch_size = 12; block_size = 1024; n_layer = 12; n_head = 12; n_embd = 768; dropout = 0.0
+bias = False; learning_rate = 6e-4; max_iters = 600000; weight_decay = 1e-1; beta1 = 0.9
+beta2 = 0.95; grad_clip = 1.0; decay_lr = True; device = "cuda"; dtype = "bfloat16"; compile = True
+exec(open("configurator.py").read())
+assert (n_layer, n_head, n_embd, block_size, batch_size) == (2, 2, 32, 32, 16), "model or batch"
+assert (dropout, bias, beta2, grad_clip) == (0.0, True, 0.99, 1.0) and not decay_lr, "settings"
+data_dir = os.path.join("data", dataset)
+vocab_size = pickle.load(open(os.path.join(data_dir, "meta.pkl"), "rb"))["vocab_size"]
+for split in ("train", "val"):
+    ids = np.memmap(os.path.join(data_dir, split + ".bin"), dtype=np.uint16, mode="r")
+    assert len(ids) > block_size and ids.max() < vocab_size, split
+for it in range(max_iters + 1):
+    print(f"iter {it}: loss 4.1000, time {10 * (it + 1):.2f}ms, mfu -100.00%")
+"""
+
+# nanoGPT's configurator contract: only keys train.py declares, values of the declared type.
+CONFIGURATOR_STAND_IN = """
+for arg in sys.argv[1:]:
+    key, value = arg[2:].split("=", 1)
+    assert key in globals(), f"Unknown config key: {key}"
+    try:
+        value = literal_eval(value)
+    except (SyntaxError, ValueError):
+        pass
+    assert type(value) == type(globals()[key]), key
+    globals()[key] = value
+"""
+
+
+@pytest.fixture
+def nanogpt_stand_in(tmp_path):
+    checkout = tmp_path / "nanoGPT"
+    checkout.mkdir()
+    (checkout / "train.py").write_text(NANOGPT_STAND_IN)
+    (checkout / "configurator.py").write_text(CONFIGURATOR_STAND_IN)
+    (checkout / "model.py").write_text("")
+    return checkout
+
+
+def test_train_step_benchmark_runs_nanogpts_train_py_on_the_same_model(corpus, nanogpt_stand_in, tmp_path):
+    records = tmp_path / "records.jsonl"
+    out = run_benchmark(
+        "train_step.py",
+        *("--rows", "fp32", "--repeats", "2", "--steps", "3", "--warmup", "1"),
+        *("--nanogpt", str(nanogpt_stand_in), "--json-out", str(records)),
+        *TINY,
+        f"data.path={corpus}",
+    )
+    record = json.loads(records.read_text().splitlines()[1])
+    # Iterations 0 (with its evaluation) and 1 (untimed) are left out: the median of 30, 40, 50 ms.
+    assert record["nanogpt"]["ms_per_step_each"] == [40.0, 40.0]
+    assert record["ratio_b_c"] > 0 and "nanoGPT ms/step" in out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.position=rope", "nanoGPT's train.py has no model.position=rope; compare on"),
+        (None, "no train.py, model.py, configurator.py there"),
+    ],
+)
+def test_train_step_benchmark_says_what_nanogpt_cannot_compare(corpus, nanogpt_stand_in, override, message):
+    checkout = nanogpt_stand_in if override else nanogpt_stand_in.parent / "empty"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--rows", "fp32",
+         "--nanogpt", str(checkout), *TINY, f"data.path={corpus}", *([override] if override else [])],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert message in result.stderr.strip().splitlines()[-1]
 
 
 def test_recipe_search_times_and_trains_float32_and_bf16_candidates(corpus, tmp_path):
