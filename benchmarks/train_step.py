@@ -252,7 +252,7 @@ class NanoGPTRun:
             "--dataset=micropgpt",
             "--device=cpu",
             "--dtype=float32",
-            "--compile=False",
+            f"--compile={m.compile}",
             f"--n_layer={m.n_layer}",
             f"--n_head={m.n_head}",
             f"--n_embd={m.n_embd}",

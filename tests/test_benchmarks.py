@@ -54,7 +54,7 @@ bias = False; learning_rate = 6e-4; max_iters = 600000; weight_decay = 1e-1; bet
 beta2 = 0.95; grad_clip = 1.0; decay_lr = True; device = "cuda"; dtype = "bfloat16"; compile = True
 exec(open("configurator.py").read())
 assert (n_layer, n_head, n_embd, block_size, batch_size) == (2, 2, 32, 32, 16), "model or batch"
-assert (dropout, bias, beta2, grad_clip) == (0.0, True, 0.99, 1.0) and not decay_lr, "settings"
+assert (dropout, bias, beta2, grad_clip, decay_lr, compile) == (0.0, True, 0.99, 1.0, False, False)
 data_dir = os.path.join("data", dataset)
 vocab_size = pickle.load(open(os.path.join(data_dir, "meta.pkl"), "rb"))["vocab_size"]
 for split in ("train", "val"):
