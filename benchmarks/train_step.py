@@ -209,7 +209,9 @@ class NanoGPTRun:
     ROWS = ("fp32", "dropout")
     ITERATION = re.compile(r"^iter (\d+): loss \S+, time ([\d.]+)ms", re.MULTILINE)
 
-    def __init__(self, checkout: Path, cfg: DictConfig, splits: dict[str, np.ndarray], vocab_size: int):
+    def __init__(
+        self, checkout: Path, cfg: DictConfig, splits: dict[str, np.ndarray], vocab_size: int, scratch: Path
+    ):
         needed = ("train.py", "model.py", "configurator.py")
         if missing := [name for name in needed if not (checkout / name).is_file()]:
             raise SystemExit(
@@ -238,15 +240,14 @@ class NanoGPTRun:
             )
         if vocab_size > 2**16:
             raise SystemExit(f"--nanogpt: nanoGPT reads uint16 ids; this corpus has {vocab_size:,} symbols")
-        self.checkout = checkout
-        self.scratch = Path(tempfile.mkdtemp(prefix="nanogpt_"))
-        (self.scratch / "configurator.py").symlink_to((checkout / "configurator.py").resolve())
-        data = self.scratch / "data" / "micropgpt"
+        self.checkout, self.scratch = checkout.resolve(), scratch  # it runs from scratch, not from here
+        data = scratch / "data" / "micropgpt"
         data.mkdir(parents=True)
         for name, ids in splits.items():
             ids.astype(np.uint16).tofile(data / f"{name}.bin")
         # The pickle nanoGPT's prepare.py writes; its train.py reads only the vocabulary size.
         (data / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": vocab_size}))
+        (scratch / "configurator.py").symlink_to(self.checkout / "configurator.py")
         beta1, beta2 = optimizer.betas
         self.arguments = [
             "--dataset=micropgpt",
@@ -270,7 +271,7 @@ class NanoGPTRun:
             "--eval_iters=1",
             "--log_interval=1",
             "--always_save_checkpoint=False",
-            f"--out_dir={self.scratch / 'out'}",
+            f"--out_dir={scratch / 'out'}",
         ]
 
     def block(self, steps: int) -> float:
@@ -347,7 +348,7 @@ def main() -> None:
                 "train": ids.numpy(),
                 "val": np.memmap(val.ids_path, dtype=val.dtype, mode="r")[val.start : val.stop],
             }
-            nanogpt = NanoGPTRun(args.nanogpt, cfg, splits, len(datamodule.vocab))
+            nanogpt = NanoGPTRun(args.nanogpt, cfg, splits, len(datamodule.vocab), out / row / "nanogpt")
             variants.append(Variant(row, "nanogpt", nanogpt.block))
     model, batch = plain.model, cfg.data.batch_size
     tokens_per_step = batch * model.config.block_size
