@@ -228,6 +228,7 @@ class NanoGPTRun:
                 "model.logit_softcap": m.logit_softcap > 0,
                 "model.value_embeddings": m.value_embeddings,
                 "model.smear": m.smear,
+                "model.unet_skips": m.unet_skips,
                 f"optimizer={optimizer._target_}": optimizer._target_ != "torch.optim.AdamW",
                 f"trainer.precision={precision}": precision not in ("32", "32-true"),
             }.items()

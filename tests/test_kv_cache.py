@@ -23,7 +23,8 @@ def random_gpt(dtype: torch.dtype = torch.float64, **options) -> GPT:
     greedy choices compare exactly.
     """
     torch.manual_seed(0)
-    config = GPTConfig(VOCAB, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32, dropout=0.0, **options)
+    options = {"n_layer": 2, **options}
+    config = GPTConfig(VOCAB, block_size=BLOCK, n_head=2, n_embd=32, dropout=0.0, **options)
     model = GPT(config).to(dtype).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(50)
@@ -58,8 +59,9 @@ def test_greedy_with_cache_equals_without_while_sequence_fits(prompt_length):
         {"logit_softcap": 5.0},
         {"value_embeddings": True},
         {"smear": True},
+        {"unet_skips": True, "n_layer": 3},
     ],
-    ids=["seed", "rope", "relu2", "qk_norm", "softcap", "value_embeddings", "smear"],
+    ids=["seed", "rope", "relu2", "qk_norm", "softcap", "value_embeddings", "smear", "unet_skips"],
 )
 def test_cached_logits_match_full_forward_in_float32(options):
     model = random_gpt(torch.float32, **options)

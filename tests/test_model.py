@@ -192,3 +192,29 @@ def test_smear_adds_a_share_of_the_previous_characters_embedding_and_starts_at_n
     torch.testing.assert_close(seen[-1], embeddings + model.smear * previous)
     (_, _, no_decay) = parameter_groups(model)
     assert any(p is model.smear for p in no_decay["params"])
+
+
+@pytest.mark.parametrize("n_layer", [4, 5])
+def test_unet_skips_add_each_first_half_output_to_its_mirror_blocks_input(n_layer):
+    model = tiny_gpt(unet_skips=True, n_layer=n_layer)
+    assert model.skip_weights.tolist() == [1.0, 1.0]  # both skips on from the start
+    idx = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    inputs, outputs = [], []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: inputs.append(args[0]) or outputs.append(out))
+    with torch.no_grad():
+        model.skip_weights.copy_(torch.tensor([0.5, -2.0]))
+        model(idx)
+    # Block 0 pairs with the last, block 1 with the one before it; an odd middle block has none.
+    last = n_layer - 1
+    torch.testing.assert_close(inputs[last], outputs[last - 1] + 0.5 * outputs[0])
+    torch.testing.assert_close(inputs[last - 1], outputs[last - 2] + -2.0 * outputs[1])
+    for layer in range(1, n_layer - 2):
+        torch.testing.assert_close(inputs[layer], outputs[layer - 1])
+    (_, _, no_decay) = parameter_groups(model)
+    assert any(p is model.skip_weights for p in no_decay["params"])
+
+
+def test_without_unet_skips_the_model_has_no_skip_weights():
+    assert tiny_gpt().skip_weights is None
+    assert tiny_gpt(unet_skips=True, n_layer=1).skip_weights.numel() == 0

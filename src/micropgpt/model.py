@@ -43,6 +43,7 @@ class GPTConfig:
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0: off
     value_embeddings: bool = False  # each attention layer adds a learned embedding of the token to v
     smear: bool = False  # each position's embedding gets a learned share of the previous one's
+    unet_skips: bool = False  # the second half of the blocks also gets the first half's outputs
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -185,6 +186,9 @@ class GPT(nn.Module):
         self.smear = nn.Parameter(torch.zeros(config.n_embd)) if config.smear else None
         self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        # modded-nanogpt's U-net: block i of the first half hands its output to block n_layer-1-i of
+        # the second, which adds it at a learned weight (from one) to its input.
+        self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2)) if config.unet_skips else None
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.apply(self._init_weights)
@@ -227,8 +231,14 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
+        skips = []
         for layer, block in enumerate(self.blocks):
+            mirror = self.config.n_layer - 1 - layer
+            if self.skip_weights is not None and mirror < len(self.skip_weights):
+                x = x + self.skip_weights[mirror] * skips.pop()
             x = block(x, idx, cache, layer)
+            if self.skip_weights is not None and layer < len(self.skip_weights):
+                skips.append(x)
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.ln_f(x))
