@@ -13,9 +13,13 @@ anywhere (a GPU runs many at once, one process per worker), and prints its val l
 such as {"n_layer": 4, "n_head": 3, "n_embd": 96, "block_size": 128, "batch_size": 16,
 "position": "rope", "activation": "relu2", "optimizer": "muon", "lr": 0.004}.
 Optional keys (OPTIONS below) set the precision ("bf16": autocast, as Lightning's bf16-mixed), the
-model options, Muon's momentum and AdamW lr ratio, warmup and the final lr ratio. Every run: dropout
-0, weight decay 0.1, betas (0.9, 0.99), clipping 1.0, and unless set, 100 warmup steps, cosine to
-5% of lr; seed 1337. `train --device cpu --workers 2` splits this CPU's cores between two runs.
+model options, Muon's momentum and AdamW lr ratio, warmup, the final lr ratio and the seed (of the
+weights and the order of training windows). A batch-size schedule, "batch_schedule": [[0, 8],
+[0.3, 16]] (batch 8 from the start, 16 from 30% of the budget), gives each stage the steps its own
+batch size fits in its share of the budget, and decays the lr over the budget's time, as
+scheduler.decay_by=time does. Every run: dropout 0, weight decay 0.1, betas (0.9, 0.99), clipping
+1.0, and unless set, 100 warmup steps, cosine to 5% of lr; seed 1337. `train --device cpu
+--workers 2` splits this CPU's cores between two runs.
 """
 
 from __future__ import annotations
@@ -41,11 +45,11 @@ from micropgpt.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "position", "activation")
-MODEL_OPTIONS = ("qk_norm", "zero_init_proj", "logit_softcap", "value_embeddings", "smear")
+MODEL_OPTIONS = ("qk_norm", "zero_init_proj", "logit_softcap", "value_embeddings", "smear", "unet_skips")
 # Optional candidate keys, with the value a candidate that leaves them out gets.
 OPTIONS = {"qk_norm": False, "zero_init_proj": False, "logit_softcap": 0.0, "value_embeddings": False,
-           "smear": False,
-           "precision": "32",
+           "smear": False, "unet_skips": False,
+           "precision": "32", "seed": 1337,
            "warmup_steps": 100, "min_lr_ratio": 0.05, "momentum": 0.95, "adamw_lr_ratio": 1.0}  # fmt: skip
 
 
@@ -65,8 +69,8 @@ def default_grid() -> list[dict]:
 
 
 def build(candidate: dict, vocab_size: int, steps: int, device: str):
-    torch.manual_seed(1337)
     candidate = {**OPTIONS, **candidate}
+    torch.manual_seed(candidate["seed"])
     architecture = {key: candidate[key] for key in (*ARCHITECTURE, *MODEL_OPTIONS)}
     model = GPT(GPTConfig(vocab_size=vocab_size, dropout=0.0, **architecture)).to(device)
     settings = {"lr": candidate["lr"], "weight_decay": 0.1, "betas": (0.9, 0.99)}
@@ -76,7 +80,11 @@ def build(candidate: dict, vocab_size: int, steps: int, device: str):
     else:
         optimizer = torch.optim.AdamW(parameter_groups(model), **settings)
     warmup, min_lr_ratio = candidate["warmup_steps"], candidate["min_lr_ratio"]
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, steps, min_lr_ratio))
+    if "batch_schedule" in candidate:  # steps of different costs: decay over the time budget
+        multiplier = WarmupCosine(warmup, sys.maxsize, min_lr_ratio, decay_by="time")
+    else:
+        multiplier = WarmupCosine(warmup, steps, min_lr_ratio)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
     return model, optimizer, schedule
 
 
@@ -108,20 +116,36 @@ def corpus_ids(corpus: Path, device: str) -> tuple[torch.Tensor, torch.Tensor, i
     return ids[:split], ids[split:], len(tokenizer)
 
 
+def step_seconds(candidate: dict, train_ids: torch.Tensor, vocab_size: int, timed_steps: int) -> float:
+    model, optimizer, schedule = build(candidate, vocab_size, 1000, "cpu")
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):  # warm-up
+        train_step(model, optimizer, schedule, train_ids, candidate, generator)
+    start = time.perf_counter()
+    for _ in range(timed_steps):
+        train_step(model, optimizer, schedule, train_ids, candidate, generator)
+    return (time.perf_counter() - start) / timed_steps
+
+
 def time_candidates(args: argparse.Namespace) -> None:
     train_ids, _, vocab_size = corpus_ids(args.corpus, "cpu")
     grid = [json.loads(line) for line in args.grid.open()] if args.grid else default_grid()
     for candidate in grid:
-        model, optimizer, schedule = build(candidate, vocab_size, 1000, "cpu")
-        generator = torch.Generator().manual_seed(0)
-        for _ in range(2):  # warm-up
-            train_step(model, optimizer, schedule, train_ids, candidate, generator)
-        start = time.perf_counter()
-        for _ in range(args.timed_steps):
-            train_step(model, optimizer, schedule, train_ids, candidate, generator)
-        seconds = (time.perf_counter() - start) / args.timed_steps
-        steps = max(1, int(args.budget / seconds))  # a step that overruns the budget still gets one
-        print(json.dumps({**candidate, "ms_per_step": round(seconds * 1e3, 1), "steps": steps}), flush=True)
+        if "batch_schedule" in candidate:
+            # Each stage gets the steps its batch size fits in its share of the budget.
+            shares = [share for share, _ in candidate["batch_schedule"]] + [1.0]
+            stage_steps, ms_per_step = [], []
+            for (share, batch_size), end in zip(candidate["batch_schedule"], shares[1:], strict=True):
+                stage = {**candidate, "batch_size": batch_size}
+                seconds = step_seconds(stage, train_ids, vocab_size, args.timed_steps)
+                stage_steps.append(max(1, int((end - share) * args.budget / seconds)))
+                ms_per_step.append(round(seconds * 1e3, 1))
+            timing = {"ms_per_step": ms_per_step, "stage_steps": stage_steps, "steps": sum(stage_steps)}
+        else:
+            seconds = step_seconds(candidate, train_ids, vocab_size, args.timed_steps)
+            steps = max(1, int(args.budget / seconds))  # a step that overruns the budget still gets one
+            timing = {"ms_per_step": round(seconds * 1e3, 1), "steps": steps}
+        print(json.dumps({**candidate, **timing}), flush=True)
 
 
 def validation_loss(model: GPT, val_ids: torch.Tensor, candidate: dict) -> float:
@@ -146,10 +170,20 @@ def train_candidate(job: tuple[dict, str, str, int]) -> dict:
         torch.set_num_threads(threads)
     train_ids, val_ids, vocab_size = corpus_ids(Path(corpus), device)
     model, optimizer, schedule = build(candidate, vocab_size, candidate["steps"], device)
-    generator = torch.Generator(device).manual_seed(1337)
+    generator = torch.Generator(device).manual_seed(candidate.get("seed", OPTIONS["seed"]))
     start = time.perf_counter()
-    for _ in range(candidate["steps"]):
-        loss = train_step(model, optimizer, schedule, train_ids, candidate, generator)
+    if "batch_schedule" in candidate:
+        batch_sizes = [batch_size for _, batch_size in candidate["batch_schedule"]]
+        stages = list(zip(candidate["stage_steps"], batch_sizes, candidate["ms_per_step"], strict=True))
+    else:
+        stages = [(candidate["steps"], candidate["batch_size"], candidate["ms_per_step"])]
+    budget, spent = sum(steps * ms for steps, _, ms in stages), 0.0
+    for steps, batch_size, ms in stages:
+        stage = {**candidate, "batch_size": batch_size}
+        for _ in range(steps):
+            schedule.lr_lambdas[0].spend_time(spent / budget)  # the CPU's time, as decay_by=time
+            loss = train_step(model, optimizer, schedule, train_ids, stage, generator)
+            spent += ms
     val_loss = validation_loss(model, val_ids, candidate)
     return {**candidate, "val_loss": round(val_loss, 4), "train_loss": round(loss.item(), 4),
             "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip

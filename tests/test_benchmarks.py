@@ -124,13 +124,15 @@ def test_train_step_benchmark_says_what_nanogpt_cannot_compare(corpus, nanogpt_s
     assert message in result.stderr.strip().splitlines()[-1]
 
 
-def test_recipe_search_times_and_trains_float32_and_bf16_candidates(corpus, tmp_path):
+def test_recipe_search_times_and_trains_float32_bf16_and_batch_scheduled_candidates(corpus, tmp_path):
     tiny = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "batch_size": 4,
             "position": "rope", "activation": "relu2", "lr": 0.004}  # fmt: skip
     grid = tmp_path / "grid.jsonl"
     candidates = [
         {**tiny, "optimizer": "adamw"},
         {**tiny, "optimizer": "muon", "precision": "bf16", "smear": True},
+        # batch 2 for the first half of the budget, then 4
+        {**tiny, "optimizer": "muon", "unet_skips": True, "batch_schedule": [[0, 2], [0.5, 4]], "seed": 7},
     ]
     grid.write_text("".join(json.dumps(candidate) + "\n" for candidate in candidates))
     timed = tmp_path / "timed.jsonl"
@@ -138,11 +140,14 @@ def test_recipe_search_times_and_trains_float32_and_bf16_candidates(corpus, tmp_
     timed.write_text(run_benchmark("recipe_search.py", "--corpus", str(corpus), *timing))
     timings = [json.loads(line) for line in timed.read_text().splitlines()]
     assert [{key: t[key] for key in candidates[i]} for i, t in enumerate(timings)] == candidates
-    assert all(t["ms_per_step"] > 0 and t["steps"] >= 1 for t in timings)
+    assert all(t["ms_per_step"] > 0 and t["steps"] >= 1 for t in timings[:2])
+    scheduled = timings[2]  # each stage's steps from its own batch size's step time
+    assert len(scheduled["ms_per_step"]) == len(scheduled["stage_steps"]) == 2
+    assert sum(scheduled["stage_steps"]) == scheduled["steps"] and min(scheduled["stage_steps"]) >= 1
     results = run_benchmark(
         "recipe_search.py", "--corpus", str(corpus), "train", str(timed), "--device", "cpu"
     )
     losses = [json.loads(line)["val_loss"] for line in results.splitlines()]
     # A few dozen steps of a tiny model: below a uniform guess over the 65 characters (ln 65 = 4.17)
     # at most a little, far from a trained model.
-    assert len(losses) == 2 and all(2.0 < loss < 4.5 for loss in losses)
+    assert len(losses) == 3 and all(2.0 < loss < 4.5 for loss in losses)
