@@ -309,27 +309,8 @@ def relative_speed(variant: Variant, baseline: Variant) -> float:
     return round(statistics.median(ratios), 4)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=9, help="rounds over all variants")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per block")
-    parser.add_argument("--warmup", type=int, default=2, help="steps of each variant's untimed first block")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: one per core)")
-    parser.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout: its train.py as a third variant")
-    parser.add_argument("--json-out", type=Path, help="also write the JSON lines to this file")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for conf/train.yaml")
-    args = parser.parse_args()
-    rows = args.rows.split(",")
-    if unknown := set(rows) - set(ROWS):
-        parser.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
-    if args.nanogpt and not set(rows) & set(NanoGPTRun.ROWS):
-        parser.error(f"--nanogpt compares the {' and '.join(NanoGPTRun.ROWS)} rows only")
-    warnings.filterwarnings("ignore", message=".*(num_workers|LeafSpec).*")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    out = Path(tempfile.mkdtemp(prefix="train_step_"))  # Lightning's logs and checkpoints
+def build_variants(args: argparse.Namespace, rows: list[str], out: Path) -> tuple[list[Variant], GPT, int]:
+    """Each row's plain loop and Lightning run (and nanoGPT's with --nanogpt); the model and batch size."""
     variants: list[Variant] = []
     for row in rows:
         overrides, autocast, compile = ROWS[row]
@@ -351,18 +332,41 @@ def main() -> None:
             }
             nanogpt = NanoGPTRun(args.nanogpt, cfg, splits, len(datamodule.vocab), out / row / "nanogpt")
             variants.append(Variant(row, "nanogpt", nanogpt.block))
-    model, batch = plain.model, cfg.data.batch_size
-    tokens_per_step = batch * model.config.block_size
+    return variants, plain.model, cfg.data.batch_size
 
-    for variant in variants:
-        if variant.kind != "nanogpt":  # a fresh process each block: nothing carries over to warm
-            variant.run(args.warmup)
-    peaks = []
-    for _ in range(args.repeats):
-        peaks.append(matmul_gflops())
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=9, help="rounds over all variants")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per block")
+    parser.add_argument("--warmup", type=int, default=2, help="steps of each variant's untimed first block")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: one per core)")
+    parser.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout: its train.py as a third variant")
+    parser.add_argument("--json-out", type=Path, help="also write the JSON lines to this file")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for conf/train.yaml")
+    args = parser.parse_args()
+    rows = args.rows.split(",")
+    if unknown := set(rows) - set(ROWS):
+        parser.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
+    if args.nanogpt and not set(rows) & set(NanoGPTRun.ROWS):
+        parser.error(f"--nanogpt compares the {' and '.join(NanoGPTRun.ROWS)} rows only")
+    warnings.filterwarnings("ignore", message=".*(num_workers|LeafSpec).*")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="train_step_") as out:  # Lightning's logs and checkpoints
+        variants, model, batch = build_variants(args, rows, Path(out))
         for variant in variants:
-            variant.seconds.append(variant.run(args.steps))
+            if variant.kind != "nanogpt":  # a fresh process each block: nothing carries over to warm
+                variant.run(args.warmup)
+        peaks = []
+        for _ in range(args.repeats):
+            peaks.append(matmul_gflops())
+            for variant in variants:
+                variant.seconds.append(variant.run(args.steps))
     peak = max(peaks)
+    tokens_per_step = batch * model.config.block_size
 
     machine = (
         f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"

@@ -4,6 +4,7 @@ numbers from a test run on a loaded machine would mean nothing)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,11 @@ import pytest
 from conftest import ROOT, TINY
 
 
-def run_benchmark(script: str, *args: str, cwd: Path = ROOT) -> str:
+def run_benchmark(script: str, *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> str:
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *args],
         cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
@@ -29,14 +31,16 @@ def test_generate_benchmark_runs():
     assert "KV cache" in out and "model.generate alone" in out and "whole generate.py command" in out
 
 
-def test_train_step_benchmark_runs_on_the_composed_config(corpus):
+def test_train_step_benchmark_runs_on_the_composed_config_and_leaves_no_files(corpus, tmp_path):
     out = run_benchmark(
         "train_step.py",
         *("--rows", "fp32", "--repeats", "1", "--steps", "1", "--warmup", "1"),
         *TINY,
         f"data.path={corpus}",
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     assert "| fp32, dropout 0" in out and "MFU" in out
+    assert list(tmp_path.iterdir()) == []  # Lightning's logs and checkpoints went with its temporary dir
 
 
 # Stands in for nanoGPT's train.py where its interface matters to the benchmark: the config
