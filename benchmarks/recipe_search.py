@@ -134,6 +134,11 @@ def time_candidates(args: argparse.Namespace) -> None:
         if "batch_schedule" in candidate:
             # Each stage gets the steps its batch size fits in its share of the budget.
             shares = [share for share, _ in candidate["batch_schedule"]] + [1.0]
+            if shares[0] != 0 or any(a >= b for a, b in itertools.pairwise(shares)):
+                sys.exit(
+                    f"error: batch_schedule {candidate['batch_schedule']}: the stages' shares of the "
+                    "budget must start at 0 and rise below 1, e.g. [[0, 8], [0.3, 16]]"
+                )
             stage_steps, ms_per_step = [], []
             for (share, batch_size), end in zip(candidate["batch_schedule"], shares[1:], strict=True):
                 stage = {**candidate, "batch_size": batch_size}

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkserver
 import pytest
 from conftest import ROOT, TINY
 
@@ -155,3 +156,17 @@ def test_recipe_search_times_and_trains_float32_bf16_and_batch_scheduled_candida
     # A few dozen steps of a tiny model: below a uniform guess over the 65 characters (ln 65 = 4.17)
     # at most a little, far from a trained model.
     assert len(losses) == 3 and all(2.0 < loss < 4.5 for loss in losses)
+
+
+@pytest.mark.parametrize("schedule", [[[0.2, 8]], [[0, 8], [0.6, 16], [0.4, 32]], [[0, 8], [1.0, 16]]])
+def test_recipe_search_refuses_a_batch_schedule_not_rising_from_0_in_one_line(corpus, tmp_path, schedule):
+    grid = tmp_path / "grid.jsonl"
+    grid.write_text(json.dumps({"n_layer": 1, "batch_size": 8, "batch_schedule": schedule}) + "\n")
+    script = [sys.executable, str(ROOT / "benchmarks" / "recipe_search.py"), "--corpus", str(corpus)]
+    command = [*script, "time", "--grid", str(grid)]
+    result = forkserver.run(command, cwd=ROOT, env=dict(os.environ), timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"error: batch_schedule {schedule}: the stages' shares of the budget must start at 0 and rise "
+        "below 1, e.g. [[0, 8], [0.3, 16]]"
+    ]
