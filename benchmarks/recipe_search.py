@@ -180,8 +180,8 @@ def train_candidate(job: tuple[dict, str, str, int]) -> dict:
     if "batch_schedule" in candidate:
         batch_sizes = [batch_size for _, batch_size in candidate["batch_schedule"]]
         stages = list(zip(candidate["stage_steps"], batch_sizes, candidate["ms_per_step"], strict=True))
-    else:
-        stages = [(candidate["steps"], candidate["batch_size"], candidate["ms_per_step"])]
+    else:  # a hand-written line may give steps alone: every step costs the same
+        stages = [(candidate["steps"], candidate["batch_size"], 1.0)]
     budget, spent = sum(steps * ms for steps, _, ms in stages), 0.0
     for steps, batch_size, ms in stages:
         stage = {**candidate, "batch_size": batch_size}

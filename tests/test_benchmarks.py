@@ -145,17 +145,20 @@ def test_recipe_search_times_and_trains_float32_bf16_and_batch_scheduled_candida
     timed.write_text(run_benchmark("recipe_search.py", "--corpus", str(corpus), *timing))
     timings = [json.loads(line) for line in timed.read_text().splitlines()]
     assert [{key: t[key] for key in candidates[i]} for i, t in enumerate(timings)] == candidates
+    # `train` also takes a hand-written line with its steps and no timing.
+    timings.append({**tiny, "optimizer": "adamw", "steps": 20})
     assert all(t["ms_per_step"] > 0 and t["steps"] >= 1 for t in timings[:2])
     scheduled = timings[2]  # each stage's steps from its own batch size's step time
     assert len(scheduled["ms_per_step"]) == len(scheduled["stage_steps"]) == 2
     assert sum(scheduled["stage_steps"]) == scheduled["steps"] and min(scheduled["stage_steps"]) >= 1
+    timed.write_text("".join(json.dumps(t) + "\n" for t in timings))
     results = run_benchmark(
         "recipe_search.py", "--corpus", str(corpus), "train", str(timed), "--device", "cpu"
     )
     losses = [json.loads(line)["val_loss"] for line in results.splitlines()]
     # A few dozen steps of a tiny model: below a uniform guess over the 65 characters (ln 65 = 4.17)
     # at most a little, far from a trained model.
-    assert len(losses) == 3 and all(2.0 < loss < 4.5 for loss in losses)
+    assert len(losses) == 4 and all(2.0 < loss < 4.5 for loss in losses)
 
 
 @pytest.mark.parametrize("schedule", [[[0.2, 8]], [[0, 8], [0.6, 16], [0.4, 32]], [[0, 8], [1.0, 16]]])
